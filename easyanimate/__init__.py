@@ -1,0 +1,25 @@
+"""EasyAnimate model core: transformer, VAEs, text encoding, samplers, LoRA, loading.
+
+Self-contained (torch, transformers, safetensors, einops); no ComfyUI, no diffusers. Importing the
+package is cheap: submodules are imported on first use of the names below.
+"""
+import importlib
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "load_transformer": "loading",
+    "detect_family": "loading",
+    "EasyAnimateTransformer3D": "models.transformer",
+    "TransformerConfig": "models.transformer",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        module = importlib.import_module(f".{_LAZY[name]}", __name__)
+        return getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = sorted(_LAZY)

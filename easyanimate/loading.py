@@ -1,0 +1,277 @@
+"""Finding the family of a checkpoint and loading the transformer from every released layout (spec §1, §2.11).
+
+Layouts accepted by `load_transformer`:
+  - a release root (`transformer/`, `vae/`, `text_encoder/`, ... ) or its `transformer/` folder:
+    `config.json` + one safetensors file, sharded safetensors with an index, or legacy `.bin`;
+  - a single transformer file (e.g. the third-party bf16 V3 files), with or without a `state_dict`
+    wrapper or a `transformer.` / `model.diffusion_model.` style prefix; its config comes from the
+    family preset, with sizes read from the tensor shapes, or from `config=`;
+  - V1: a PixArt-alpha base (2-D `Transformer2DModel` config) + the motion-module file
+    (`motion_module=`), optionally + a personalized 2-D checkpoint (`personalized=`).
+V4/V5 folders are recognised and refused by name.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .checkpoint import (
+    assign_tensors, describe_keys, file_key_shapes, iter_file,
+    meta_tensors, parse_dtype, weight_files,
+)
+from .errors import CheckpointMismatchError, LayoutError, UnsupportedModelError
+from .models.transformer import EasyAnimateTransformer3D, TransformerConfig, family_preset
+
+log = logging.getLogger(__name__)
+
+# Deterministic buffers that some checkpoints carry; the model recomputes them (identical values).
+_RECOMPUTED = re.compile(r"(^|\.)pos_embed\.pos_embed$|(^|\.)pos_encoder\.pe$")
+# Prefixes that training/conversion tools put in front of the transformer's own key names.
+_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "model.", "module.", "net.")
+_SIGNATURE = "adaln_single.linear.weight"
+_LATER_FAMILIES = {
+    "HunyuanTransformer3DModel": "EasyAnimate V4 (HunyuanDiT-based transformer with Bert + T5 text encoders)",
+    "EasyAnimateTransformer3DModel": "EasyAnimate V5/V5.1 (MMDiT transformer)",
+}
+_UNSUPPORTED_HINT = "This pack runs EasyAnimate V1, V2 and V3 (Transformer3DModel) checkpoints."
+
+
+@dataclass
+class TransformerSource:
+    """Where a transformer's config and weights are, and which family it is."""
+
+    family: str
+    files: list[Path]
+    config: dict | None  # the checkpoint's own config.json, when it has one
+    is_2d_base: bool = False  # a V1 PixArt base without motion module
+    description: str = ""
+
+
+def detect_family(path: str | Path) -> TransformerSource:
+    """Identify the family of a release folder, a `transformer/` folder or a single transformer file."""
+    path = Path(path)
+    if not path.exists():
+        raise LayoutError(f"'{path}' does not exist.")
+    if path.is_file():
+        return _detect_from_files([path], None, path)
+    root, tdir = _transformer_dir(path)
+    config = json.loads((tdir / "config.json").read_text())
+    _refuse_later_families(config, root)
+    return _detect_from_files(weight_files(tdir), config, tdir)
+
+
+def _transformer_dir(path: Path) -> tuple[Path, Path]:
+    if (path / "transformer" / "config.json").is_file():
+        return path, path / "transformer"
+    if (path / "config.json").is_file():
+        return path.parent, path
+    found = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())[:12]
+    raise LayoutError(
+        f"'{path}' is not an EasyAnimate model folder. Expected a release folder with transformer/config.json "
+        f"(plus vae/, text_encoder/, tokenizer/, scheduler/) or a transformer folder with config.json and "
+        f"diffusion_pytorch_model*.safetensors; found: {found or 'nothing'}."
+    )
+
+
+def _refuse_later_families(config: dict, root: Path | None) -> None:
+    name = config.get("_class_name", "")
+    if name in _LATER_FAMILIES:
+        raise UnsupportedModelError(f"'{root}' is {_LATER_FAMILIES[name]}. {_UNSUPPORTED_HINT}")
+    if root is not None and (root / "text_encoder_2").is_dir():
+        raise UnsupportedModelError(
+            f"'{root}' has a text_encoder_2/ folder: it is EasyAnimate V4 or later (two text encoders). {_UNSUPPORTED_HINT}"
+        )
+
+
+def _strip_prefix(keys) -> str:
+    """The prefix in front of the model's own key names ('' when none)."""
+    keys = list(keys)
+    if any(k == _SIGNATURE or k.endswith(".attn_temporal.temporal_transformer.proj_in.weight") and k.startswith("transformer_blocks.") for k in keys):
+        return ""
+    for prefix in _PREFIXES:
+        if any(k.startswith(prefix) and k[len(prefix):].startswith(("adaln_single.", "transformer_blocks.")) for k in keys):
+            return prefix
+    return ""
+
+
+def _detect_from_files(files: list[Path], config: dict | None, where: Path) -> TransformerSource:
+    shapes = {}
+    for f in files:
+        shapes.update(file_key_shapes(f))
+    prefix = _strip_prefix(shapes)
+    keys = {k[len(prefix):] for k in shapes if k.startswith(prefix)}
+    has_motion = any(".attn_temporal." in k for k in keys)
+    only_motion = bool(keys) and all(".attn_temporal." in k or _RECOMPUTED.search(k) for k in keys)
+    if only_motion:
+        raise LayoutError(
+            f"'{where}' holds only motion-module weights (a V1 motion-module file such as easyanimate_v1_mm.safetensors). "
+            "Load the PixArt-XL-2 base folder and pass this file as the motion module."
+        )
+    if _SIGNATURE not in keys:
+        sample = sorted(shapes)[:6]
+        hunyuan = any(k.startswith("blocks.") for k in keys)
+        if hunyuan:
+            raise UnsupportedModelError(f"'{where}' looks like a HunyuanDiT-style (EasyAnimate V4) checkpoint. {_UNSUPPORTED_HINT}")
+        raise LayoutError(
+            f"'{where}' is not an EasyAnimate transformer checkpoint: it has no '{_SIGNATURE}'. Expected key names such as "
+            f"'pos_embed.proj.weight', 'adaln_single.linear.weight', 'transformer_blocks.0.attn1.to_q.weight' "
+            f"(optionally behind a 'transformer.' or 'model.diffusion_model.' prefix); found {len(shapes)} keys, e.g. {sample}."
+        )
+    patch = shapes[prefix + "pos_embed.proj.weight"] if prefix + "pos_embed.proj.weight" in shapes else None
+    if config is not None and config.get("_class_name") == "Transformer2DModel" and not has_motion:
+        return TransformerSource("v1", files, config, is_2d_base=True, description="PixArt-alpha base (V1)")
+
+    block_type = (config or {}).get("basic_block_type")
+    if block_type == "global_motionmodule" or any(k.startswith("clip_projection.") for k in keys) or (patch and patch[1] == 12):
+        family = "v3"
+    elif (block_type == "motionmodule" and (config or {}).get("enable_uvit")) or any(k.startswith("long_connect_fc.") for k in keys):
+        family = "v2"
+    elif has_motion:
+        family = "v1"
+    else:
+        return TransformerSource("v1", files, config, is_2d_base=True, description="2-D PixArt transformer (V1 base)")
+    return TransformerSource(family, files, config, description=f"EasyAnimate {family.upper()} transformer")
+
+
+def _config_from_shapes(family: str, shapes: dict, prefix: str) -> dict:
+    """A config for a config-less single file: the family preset with the sizes its tensors reveal."""
+    preset = family_preset(family)
+    get = lambda k: shapes.get(prefix + k)
+    hidden, in_channels = get("pos_embed.proj.weight")[:2]
+    if hidden != preset["num_attention_heads"] * preset["attention_head_dim"]:
+        raise LayoutError(
+            f"This single-file checkpoint has hidden size {hidden}, not the released {family.upper()} size "
+            f"{preset['num_attention_heads'] * preset['attention_head_dim']}; its head count cannot be read from the "
+            "weights. Pass the matching config.json."
+        )
+    blocks = {int(m.group(1)) for k in shapes if (m := re.match(re.escape(prefix) + r"transformer_blocks\.(\d+)\.", k))}
+    out = get("proj_out.weight")[0] // preset["patch_size"] ** 2
+    return dict(preset, in_channels=in_channels, num_layers=max(blocks) + 1, out_channels=out,
+                caption_channels=get("caption_projection.linear_1.weight")[1], cross_attention_dim=hidden)
+
+
+def load_transformer(
+    path: str | Path,
+    *,
+    dtype="fp32",
+    device="cpu",
+    config: dict | str | Path | None = None,
+    motion_module: str | Path | None = None,
+    personalized: str | Path | None = None,
+    operations=nn,
+) -> EasyAnimateTransformer3D:
+    """Load an EasyAnimate V1/V2/V3 transformer in `dtype` on `device`.
+
+    `config` (a dict or a config.json path) overrides the checkpoint's config keys, or supplies the config of
+    a single file. `motion_module` and `personalized` are the V1 extras (spec §1.2). The model is built on
+    the meta device and each tensor is cast and placed as it is read, so peak memory stays near one copy
+    of the weights. Raises LayoutError / CheckpointMismatchError / CorruptCheckpointError / UnsupportedModelError
+    with the file and keys at fault; a failed load leaves nothing behind.
+    """
+    dtype = parse_dtype(dtype)
+    source = detect_family(path)
+    overrides = _read_config_arg(config)
+    shapes: dict = {}
+    for f in source.files:
+        shapes.update(file_key_shapes(f))
+    prefix = _strip_prefix(shapes)
+
+    if source.config is not None:
+        raw = dict(source.config)
+        if source.is_2d_base:
+            # The 2-D PixArt config says nothing of motion modules: V1's come from the V1 preset.
+            preset = family_preset("v1")
+            raw = {**raw, **{k: preset[k] for k in ("basic_block_type", "motion_module_type", "motion_module_kwargs", "enable_uvit")}}
+            raw["_class_name"] = "Transformer3DModel"
+    elif overrides:
+        raw = {}
+    else:
+        raw = _config_from_shapes(source.family, shapes, prefix)
+    raw.update(overrides)
+    cfg = TransformerConfig.from_dict(raw, source.family)
+
+    motion_files = []
+    if source.is_2d_base:
+        if motion_module is None:
+            raise LayoutError(
+                f"'{path}' is a 2-D PixArt-alpha transformer (the V1 base) without motion module. Pass the V1 "
+                "motion-module file (e.g. Motion_Module/easyanimate_v1_mm.safetensors) as the motion module."
+            )
+        motion_files = [Path(motion_module)]
+    elif motion_module is not None:
+        raise LayoutError(
+            f"A separate motion module only goes with a V1 PixArt base; '{path}' is a full {source.family.upper()} "
+            "transformer that already has its motion modules."
+        )
+
+    with torch.device("meta"):
+        model = EasyAnimateTransformer3D(cfg, dtype=dtype, operations=operations)
+    unexpected = set()
+    for f in source.files:
+        unexpected |= assign_tensors(model, iter_file(f), dtype=dtype, device=device, rename=_renamer(prefix), source=str(f))[1]
+    if personalized is not None:
+        p = Path(personalized)
+        pshapes = file_key_shapes(p)
+        assigned, extra = assign_tensors(model, iter_file(p), dtype=dtype, device=device,
+                                         rename=_renamer(_strip_prefix(pshapes)), source=str(p))
+        _refuse_unexpected(extra, p, "personalized transformer checkpoint")
+        if not assigned:
+            raise CheckpointMismatchError(
+                f"Personalized checkpoint '{p}' matched no tensor of the transformer (keys such as "
+                f"{sorted(pshapes)[:4]}); it is not a PixArt/EasyAnimate transformer checkpoint."
+            )
+    for mfile in motion_files:
+        mshapes = file_key_shapes(mfile)
+        if not any(".attn_temporal." in k for k in mshapes):
+            raise LayoutError(
+                f"'{mfile}' is not a motion-module file: it has no '...attn_temporal...' keys (found e.g. {sorted(mshapes)[:4]})."
+            )
+        _, extra = assign_tensors(model, iter_file(mfile), dtype=dtype, device=device,
+                                  rename=_renamer(_strip_prefix(mshapes)), source=str(mfile))
+        _refuse_unexpected(extra, mfile, "motion-module file")
+    _refuse_unexpected(unexpected, source.files[0] if len(source.files) == 1 else source.files[0].parent, "transformer checkpoint")
+
+    missing = meta_tensors(model)
+    if missing:
+        where = source.files[0] if len(source.files) == 1 else source.files[0].parent
+        hint = " (the V1 motion module is missing or incomplete)" if any(".attn_temporal." in k for k in missing) else ""
+        raise CheckpointMismatchError(
+            f"'{where}' lacks weights the {source.family.upper()} transformer needs{hint}: missing "
+            f"{describe_keys(missing)}. The file is incomplete or belongs to another model."
+        )
+    model.requires_grad_(False).eval()
+    log.info("Loaded %s (%s, %d blocks, hidden %d) as %s on %s", source.description, source.family,
+             cfg.num_layers, cfg.hidden_size, dtype, device)
+    return model
+
+
+def _read_config_arg(config) -> dict:
+    if config is None:
+        return {}
+    if isinstance(config, dict):
+        return dict(config)
+    return json.loads(Path(config).read_text())
+
+
+def _renamer(prefix: str):
+    def rename(key: str):
+        if prefix:
+            if not key.startswith(prefix):
+                return key  # reported as unexpected
+            key = key[len(prefix):]
+        return None if _RECOMPUTED.search(key) else key
+    return rename
+
+
+def _refuse_unexpected(unexpected, where, what):
+    if unexpected:
+        raise CheckpointMismatchError(
+            f"{what} '{where}' has tensors this transformer does not have: {describe_keys(unexpected)}. "
+            "It belongs to another model or another configuration (check config.json)."
+        )

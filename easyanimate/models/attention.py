@@ -1,0 +1,94 @@
+"""Multi-head attention and feed-forward layers with the key names of the released checkpoints.
+
+`to_q/to_k/to_v/to_out.0` and `ff.net.0.proj/ff.net.2` are diffusers' names; the checkpoints use them,
+so these modules keep them. Attention runs through `scaled_dot_product_attention`, which picks the
+memory-efficient kernel the device offers.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Attention(nn.Module):
+    def __init__(self, query_dim, heads, head_dim, context_dim=None, qkv_bias=True,
+                 dtype=None, device=None, operations=nn):
+        super().__init__()
+        inner = heads * head_dim
+        context_dim = context_dim or query_dim
+        self.heads = heads
+        self.to_q = operations.Linear(query_dim, inner, bias=qkv_bias, dtype=dtype, device=device)
+        self.to_k = operations.Linear(context_dim, inner, bias=qkv_bias, dtype=dtype, device=device)
+        self.to_v = operations.Linear(context_dim, inner, bias=qkv_bias, dtype=dtype, device=device)
+        self.to_out = nn.ModuleList([operations.Linear(inner, query_dim, bias=True, dtype=dtype, device=device)])
+
+    def forward(self, x, context=None, bias=None):
+        """x (N, Lq, D); context (N, Lk, Dc) or None for self-attention; bias (N, 1, Lk) additive or None."""
+        context = x if context is None else context
+        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        n = x.shape[0]
+        q, k, v = (t.view(n, -1, self.heads, t.shape[-1] // self.heads).transpose(1, 2) for t in (q, k, v))
+        if bias is not None:
+            bias = bias.to(q.dtype)[:, None]  # (N, 1, 1, Lk): same bias for every head and query
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        out = out.transpose(1, 2).reshape(n, -1, q.shape[1] * q.shape[-1])
+        return self.to_out[0](out)
+
+
+class GELUProjection(nn.Module):
+    """Linear then GELU (tanh approximation): the DiT block's feed-forward input layer."""
+
+    def __init__(self, dim_in, dim_out, dtype=None, device=None, operations=nn):
+        super().__init__()
+        self.proj = operations.Linear(dim_in, dim_out, bias=True, dtype=dtype, device=device)
+
+    def forward(self, x):
+        return F.gelu(self.proj(x), approximate="tanh")
+
+
+class GEGLU(nn.Module):
+    """Gated GELU (exact erf GELU on the gate half): the motion module's feed-forward input layer."""
+
+    def __init__(self, dim_in, dim_out, dtype=None, device=None, operations=nn):
+        super().__init__()
+        self.proj = operations.Linear(dim_in, dim_out * 2, bias=True, dtype=dtype, device=device)
+
+    def forward(self, x):
+        value, gate = self.proj(x).chunk(2, dim=-1)
+        return value * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim, gated=False, mult=4, dtype=None, device=None, operations=nn):
+        super().__init__()
+        inner = dim * mult
+        first = (GEGLU if gated else GELUProjection)(dim, inner, dtype=dtype, device=device, operations=operations)
+        # Index 1 held a Dropout in the reference; keeping the slot keeps the `net.2` key name.
+        self.net = nn.ModuleList([first, nn.Identity(), operations.Linear(inner, dim, bias=True, dtype=dtype, device=device)])
+
+    def forward(self, x):
+        for layer in self.net:
+            x = layer(x)
+        return x
+
+
+def layer_norm(x: torch.Tensor, eps: float, in_fp32: bool) -> torch.Tensor:
+    """LayerNorm without affine parameters; V3 computes it in float32 and casts back (`FP32LayerNorm`)."""
+    if in_fp32:
+        return F.layer_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype)
+    return F.layer_norm(x, x.shape[-1:], eps=eps)
+
+
+def make_layer_norm(operations, dim, eps, in_fp32, dtype=None, device=None):
+    """An affine LayerNorm from `operations`; with `in_fp32` it normalises in float32 like V3's `FP32LayerNorm`."""
+    norm = operations.LayerNorm(dim, eps=eps, elementwise_affine=True, dtype=dtype, device=device)
+    norm.compute_in_fp32 = in_fp32
+    return norm
+
+
+def apply_layer_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if not getattr(norm, "compute_in_fp32", False) or x.dtype == torch.float32:
+        return norm(x)
+    w, b = norm.weight, norm.bias
+    return F.layer_norm(
+        x.float(), norm.normalized_shape, w.to(x.device, torch.float32), b.to(x.device, torch.float32), norm.eps
+    ).to(x.dtype)

@@ -1,0 +1,67 @@
+"""Shared test helpers: where the reference fixtures live and how outputs are compared.
+
+Parity tests find the fixtures through `EASYANIMATE_FIXTURES` (default: `../shared/fixtures/easyanimate`
+beside the project). Every size is read from the case files. Only a missing folder skips (with the
+reason printed by `-ra`); a case that is present but cannot be run fails.
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def fixtures_dir() -> Path:
+    env = os.environ.get("EASYANIMATE_FIXTURES")
+    return Path(env).resolve() if env else (ROOT.parent / "shared" / "fixtures" / "easyanimate").resolve()
+
+
+def fixture_index() -> dict:
+    folder = fixtures_dir()
+    index_file = folder / "index.json"
+    cases = json.loads(index_file.read_text())["cases"] if index_file.is_file() else {}
+    # Case folders not (yet) in the index are picked up from their meta.json.
+    for meta in folder.glob("*/meta.json"):
+        name = meta.parent.name
+        if name not in cases:
+            info = json.loads(meta.read_text())
+            cases[name] = {"kind": info.get("kind"), "era": info.get("reference", {}).get("era")}
+    return cases
+
+
+def fixture_cases(kind: str):
+    """pytest parameters for every fixture case of `kind`; one skipped parameter if the folder is absent."""
+    folder = fixtures_dir()
+    if not folder.is_dir():
+        reason = f"reference fixtures not found at {folder} (set EASYANIMATE_FIXTURES to their folder)"
+        return [pytest.param(None, marks=pytest.mark.skip(reason=reason), id="no-fixtures")]
+    names = sorted(n for n, c in fixture_index().items() if c.get("kind") == kind)
+    assert names, f"fixtures folder {folder} has no case of kind '{kind}'"
+    return [pytest.param(n, id=n) for n in names]
+
+
+def rel_tolerance(case: str, key: str, default: float = 1e-4) -> float:
+    spec = fixture_index().get(case, {}).get("rel_tolerance", {})
+    for pattern, tol in spec.items():
+        if fnmatch.fnmatch(key, pattern) and isinstance(tol, (int, float)):
+            return float(tol)
+    return default
+
+
+def rel_error(actual: torch.Tensor, reference: torch.Tensor) -> float:
+    """max|a - r| / max|r| over the tensor, the measure the fixtures' tolerances use."""
+    actual, reference = actual.double(), reference.double()
+    assert actual.shape == reference.shape, f"shape {tuple(actual.shape)} != reference {tuple(reference.shape)}"
+    return ((actual - reference).abs().max() / reference.abs().max().clamp_min(1e-30)).item()
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))

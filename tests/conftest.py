@@ -46,8 +46,11 @@ def fixture_cases(kind: str):
     return [pytest.param(n, id=n) for n in names]
 
 
-def rel_tolerance(case: str, key: str, default: float = 1e-4) -> float:
+def rel_tolerance(case: str, key: str, run_file: str | None = None, default: float = 1e-4) -> float:
+    """The case's tolerance for tensor `key`; pipeline cases nest them per run file (e.g. "euler.safetensors")."""
     spec = fixture_index().get(case, {}).get("rel_tolerance", {})
+    if run_file is not None and isinstance(spec.get(run_file), dict):
+        spec = spec[run_file]
     for pattern, tol in spec.items():
         if fnmatch.fnmatch(key, pattern) and isinstance(tol, (int, float)):
             return float(tol)

@@ -35,14 +35,16 @@ def fixture_index() -> dict:
     return cases
 
 
-def fixture_cases(kind: str):
-    """pytest parameters for every fixture case of `kind`; one skipped parameter if the folder is absent."""
+def fixture_cases(kind: str, having: str | None = None):
+    """pytest parameters for every fixture case of `kind` (with the sub-path `having`, when given);
+    one skipped parameter if the fixtures folder is absent."""
     folder = fixtures_dir()
     if not folder.is_dir():
         reason = f"reference fixtures not found at {folder} (set EASYANIMATE_FIXTURES to their folder)"
         return [pytest.param(None, marks=pytest.mark.skip(reason=reason), id="no-fixtures")]
-    names = sorted(n for n, c in fixture_index().items() if c.get("kind") == kind)
-    assert names, f"fixtures folder {folder} has no case of kind '{kind}'"
+    names = sorted(n for n, c in fixture_index().items()
+                   if c.get("kind") == kind and (having is None or (folder / n / having).exists()))
+    assert names, f"fixtures folder {folder} has no case of kind '{kind}'" + (f" with {having}" if having else "")
     return [pytest.param(n, id=n) for n in names]
 
 

@@ -12,6 +12,19 @@ _LAZY = {
     "detect_family": "loading",
     "EasyAnimateTransformer3D": "models.transformer",
     "TransformerConfig": "models.transformer",
+    "load_vae": "vae",
+    "build_vae": "vae",
+    "VideoVAE": "vae",
+    "Tiling": "vae",
+    "frame_rule": "frames",
+    "load_text_encoder": "text",
+    "load_image_encoder": "image_encoder",
+    "build_sampler": "sampling",
+    "denoise": "sampling",
+    "SAMPLER_NAMES": "sampling",
+    "SamplingCancelled": "sampling",
+    "Conditioning": "pipeline",
+    "generate": "pipeline",
 }
 
 

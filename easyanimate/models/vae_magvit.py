@@ -1,0 +1,348 @@
+"""The MagViT-style causal 3-D VAE of EasyAnimate V2 and V3 (spec §3.2).
+
+One network serves both families; only the way it is driven over time differs, and that lives in
+`easyanimate/vae.py`. Here every forward takes the temporal padding `mode` of the chunk it is given
+(`frames.CAUSAL`, `frames.SLICE` or `frames.SINGLE`) instead of flags stored on the modules, so a
+module never depends on what ran before it.
+
+Layout (names are the checkpoint's state-dict names):
+
+    encoder: conv_in -> down_blocks[i] (ResidualBlock3D x n, then a spatial or spatio-temporal
+             downsampler except in the last block) -> mid_block (res, 3-D attention, res)
+             -> conv_norm_out -> SiLU -> conv_out -> quant_conv = moments (mean | logvar)
+    decoder: post_quant_conv -> conv_in -> mid_block -> up_blocks[i] (ResidualBlock3D x n+1, then
+             an upsampler except in the last block) -> conv_norm_out -> SiLU -> conv_out
+
+Temporal convolutions have kernel 3 and no built-in temporal padding; `pad_time` adds it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..frames import CAUSAL, SINGLE
+
+GROUP_NORM_EPS = 1e-6
+LOGVAR_RANGE = (-30.0, 20.0)
+
+DOWN_BLOCK_DOWNSAMPLE = {"SpatialDownBlock3D": "spatial", "SpatialTemporalDownBlock3D": "spatiotemporal"}
+UP_BLOCK_UPSAMPLE = {"SpatialUpBlock3D": "spatial", "SpatialTemporalUpBlock3D": "spatiotemporal"}
+
+
+@dataclass
+class MagvitConfig:
+    """The architecture fields of the released `vae/config.json` (V2/V3); defaults are full size."""
+
+    in_channels: int = 3
+    out_channels: int = 3
+    ch: int = 128
+    ch_mult: list = field(default_factory=lambda: [1, 2, 4, 4])
+    down_block_types: list = field(
+        default_factory=lambda: ["SpatialDownBlock3D"] + ["SpatialTemporalDownBlock3D"] * 3
+    )
+    up_block_types: list = field(default_factory=lambda: ["SpatialUpBlock3D"] + ["SpatialTemporalUpBlock3D"] * 3)
+    layers_per_block: int = 2
+    latent_channels: int = 4
+    norm_num_groups: int = 32
+    mid_block_use_attention: bool = True
+    mid_block_num_attention_heads: int = 1
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "MagvitConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+    @property
+    def block_out_channels(self) -> list[int]:
+        return [self.ch * m for m in self.ch_mult]
+
+    @property
+    def temporal_stages(self) -> int:
+        """Stride-2 temporal stages of the encoder (the last down block never downsamples)."""
+        kinds = [DOWN_BLOCK_DOWNSAMPLE.get(t) for t in self.down_block_types[:-1]]
+        return sum(kind == "spatiotemporal" for kind in kinds)
+
+
+def pad_time(x: torch.Tensor, mode: str) -> torch.Tensor:
+    """Temporal padding of a kernel-3 convolution (B, C, T, H, W).
+
+    Causal (V2) repeats the first frame twice in front, so frame t only sees frames <= t. The slice
+    VAE (V3) was fine-tuned with one zero frame on each side instead. (The reference derives the
+    amount from the width stride; it is 1 for every convolution of this network.)
+    """
+    if mode == CAUSAL:
+        return torch.cat([x[:, :, :1], x[:, :, :1], x], dim=2)
+    return F.pad(x, (0, 0, 0, 0, 1, 1))
+
+
+class ResidualBlock3D(nn.Module):
+    def __init__(self, in_channels, out_channels, groups, dtype=None, device=None, operations=nn):
+        super().__init__()
+        self.norm1 = operations.GroupNorm(groups, in_channels, eps=GROUP_NORM_EPS, dtype=dtype, device=device)
+        self.conv1 = operations.Conv3d(in_channels, out_channels, 3, padding=(0, 1, 1), dtype=dtype, device=device)
+        self.norm2 = operations.GroupNorm(groups, out_channels, eps=GROUP_NORM_EPS, dtype=dtype, device=device)
+        self.conv2 = operations.Conv3d(out_channels, out_channels, 3, padding=(0, 1, 1), dtype=dtype, device=device)
+        self.shortcut = None
+        if in_channels != out_channels:
+            self.shortcut = operations.Conv3d(in_channels, out_channels, 1, dtype=dtype, device=device)
+
+    def forward(self, x, mode):
+        h = F.silu(self.norm1(x))
+        h = self.conv1(pad_time(h, mode))
+        h = F.silu(self.norm2(h))
+        h = self.conv2(pad_time(h, mode))
+        return h + (x if self.shortcut is None else self.shortcut(x))
+
+
+class SpatialDownsampler3D(nn.Module):
+    """Halves H and W (and T when `temporal`) with one strided kernel-3 convolution."""
+
+    def __init__(self, channels, temporal, dtype=None, device=None, operations=nn):
+        super().__init__()
+        stride = (2, 2, 2) if temporal else (1, 2, 2)
+        self.conv = operations.Conv3d(channels, channels, 3, stride=stride, dtype=dtype, device=device)
+
+    def forward(self, x, mode):
+        # Asymmetric spatial padding (right and bottom only), as in SD's downsampler.
+        x = F.pad(x, (0, 1, 0, 1))
+        return self.conv(pad_time(x, mode))
+
+
+class SpatialUpsampler3D(nn.Module):
+    """Doubles H and W (nearest, then a convolution); when `temporal` also doubles T by linear
+    interpolation after the convolution."""
+
+    def __init__(self, channels, temporal, dtype=None, device=None, operations=nn):
+        super().__init__()
+        self.temporal = temporal
+        self.conv = operations.Conv3d(channels, channels, 3, padding=(0, 1, 1), dtype=dtype, device=device)
+
+    def forward(self, x, mode):
+        x = F.interpolate(x, scale_factor=(1, 2, 2), mode="nearest")
+        x = self.conv(pad_time(x, mode))
+        if not self.temporal or mode == SINGLE:
+            return x
+        if mode == CAUSAL:
+            # The first frame stands alone (it encodes one pixel frame); the rest double: T -> 2T - 1.
+            if x.shape[2] == 1:
+                return x
+            rest = F.interpolate(x[:, :, 1:], scale_factor=(2, 1, 1), mode="trilinear")
+            return torch.cat([x[:, :, :1], rest], dim=2)
+        return F.interpolate(x, scale_factor=(2, 1, 1), mode="trilinear")
+
+
+class Attention3D(nn.Module):
+    """Self-attention over every (t, h, w) position of the chunk, one head by default."""
+
+    def __init__(self, channels, heads, groups, dtype=None, device=None, operations=nn):
+        super().__init__()
+        self.heads = heads
+        self.group_norm = operations.GroupNorm(groups, channels, eps=GROUP_NORM_EPS, dtype=dtype, device=device)
+        self.to_q = operations.Linear(channels, channels, dtype=dtype, device=device)
+        self.to_k = operations.Linear(channels, channels, dtype=dtype, device=device)
+        self.to_v = operations.Linear(channels, channels, dtype=dtype, device=device)
+        self.to_out = operations.Linear(channels, channels, dtype=dtype, device=device)
+
+    def forward(self, x):
+        b, c, t, h, w = x.shape
+        tokens = x.flatten(2)  # (B, C, N)
+        normed = self.group_norm(tokens).transpose(1, 2)  # (B, N, C)
+        head_dim = c // self.heads
+
+        def split(proj):
+            return proj(normed).view(b, -1, self.heads, head_dim).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(split(self.to_q), split(self.to_k), split(self.to_v), scale=head_dim**-0.5)
+        out = self.to_out(out.transpose(1, 2).reshape(b, -1, c))
+        return (out + tokens.transpose(1, 2)).transpose(1, 2).reshape(b, c, t, h, w)
+
+
+class MidBlock3D(nn.Module):
+    def __init__(self, channels, config: MagvitConfig, dtype=None, device=None, operations=nn):
+        super().__init__()
+        kw = dict(dtype=dtype, device=device, operations=operations)
+        groups = config.norm_num_groups
+        n = config.layers_per_block
+        self.convs = nn.ModuleList([ResidualBlock3D(channels, channels, groups, **kw) for _ in range(n)])
+        heads = config.mid_block_num_attention_heads
+        self.attentions = nn.ModuleList(
+            [Attention3D(channels, heads, groups, **kw) for _ in range(n - 1)] if config.mid_block_use_attention else []
+        )
+
+    def forward(self, x, mode):
+        x = self.convs[0](x, mode)
+        for i, conv in enumerate(self.convs[1:]):
+            if len(self.attentions):
+                x = self.attentions[i](x)
+            x = conv(x, mode)
+        return x
+
+
+class DownBlock3D(nn.Module):
+    """ResidualBlock3D x n, then an optional spatial / spatio-temporal downsampler."""
+
+    def __init__(self, in_channels, out_channels, layers, groups, downsample, dtype=None, device=None, operations=nn):
+        super().__init__()
+        kw = dict(dtype=dtype, device=device, operations=operations)
+        self.convs = nn.ModuleList(
+            [ResidualBlock3D(in_channels if i == 0 else out_channels, out_channels, groups, **kw) for i in range(layers)]
+        )
+        self.downsampler = None
+        if downsample:
+            self.downsampler = SpatialDownsampler3D(out_channels, downsample == "spatiotemporal", **kw)
+
+    def forward(self, x, mode):
+        for conv in self.convs:
+            x = conv(x, mode)
+        return x if self.downsampler is None else self.downsampler(x, mode)
+
+
+class UpBlock3D(nn.Module):
+    """ResidualBlock3D x n, then an optional spatial / spatio-temporal upsampler."""
+
+    def __init__(self, in_channels, out_channels, layers, groups, upsample, dtype=None, device=None, operations=nn):
+        super().__init__()
+        kw = dict(dtype=dtype, device=device, operations=operations)
+        self.convs = nn.ModuleList(
+            [ResidualBlock3D(in_channels if i == 0 else out_channels, out_channels, groups, **kw) for i in range(layers)]
+        )
+        self.upsampler = None
+        if upsample:
+            self.upsampler = SpatialUpsampler3D(out_channels, upsample == "spatiotemporal", **kw)
+
+    def forward(self, x, mode):
+        for conv in self.convs:
+            x = conv(x, mode)
+        return x if self.upsampler is None else self.upsampler(x, mode)
+
+
+def _block_kind(table, name, what):
+    if name not in table:
+        raise ValueError(f"Unsupported MagViT {what} block type '{name}'; EasyAnimate V2/V3 use {sorted(table)}.")
+    return table[name]
+
+
+class MagvitEncoder(nn.Module):
+    def __init__(self, config: MagvitConfig, dtype=None, device=None, operations=nn):
+        super().__init__()
+        kw = dict(dtype=dtype, device=device, operations=operations)
+        channels = config.block_out_channels
+        groups = config.norm_num_groups
+        self.conv_in = operations.Conv3d(config.in_channels, channels[0], 3, padding=(0, 1, 1), dtype=dtype, device=device)
+        self.down_blocks = nn.ModuleList()
+        for i, block_type in enumerate(config.down_block_types):
+            kind = _block_kind(DOWN_BLOCK_DOWNSAMPLE, block_type, "down")
+            last = i == len(channels) - 1
+            self.down_blocks.append(
+                DownBlock3D(channels[max(i - 1, 0)], channels[i], config.layers_per_block, groups, None if last else kind, **kw)
+            )
+        self.mid_block = MidBlock3D(channels[-1], config, **kw)
+        self.conv_norm_out = operations.GroupNorm(groups, channels[-1], eps=GROUP_NORM_EPS, dtype=dtype, device=device)
+        self.conv_out = operations.Conv3d(
+            channels[-1], 2 * config.latent_channels, 3, padding=(0, 1, 1), dtype=dtype, device=device
+        )
+
+    def forward(self, x, mode):
+        x = self.conv_in(pad_time(x, mode))
+        for block in self.down_blocks:
+            x = block(x, mode)
+        x = self.mid_block(x, mode)
+        return self.conv_out(pad_time(F.silu(self.conv_norm_out(x)), mode))
+
+
+class MagvitDecoder(nn.Module):
+    """The decoder is split in two so the slice driver can give the first stages (`stem`) more
+    temporal context than the upsampling stages (`upsample`), as the V3 reference does."""
+
+    def __init__(self, config: MagvitConfig, dtype=None, device=None, operations=nn):
+        super().__init__()
+        kw = dict(dtype=dtype, device=device, operations=operations)
+        channels = list(reversed(config.block_out_channels))
+        groups = config.norm_num_groups
+        self.conv_in = operations.Conv3d(
+            config.latent_channels, channels[0], 3, padding=(0, 1, 1), dtype=dtype, device=device
+        )
+        self.mid_block = MidBlock3D(channels[0], config, **kw)
+        self.up_blocks = nn.ModuleList()
+        for i, block_type in enumerate(config.up_block_types):
+            kind = _block_kind(UP_BLOCK_UPSAMPLE, block_type, "up")
+            last = i == len(channels) - 1
+            self.up_blocks.append(
+                UpBlock3D(channels[max(i - 1, 0)], channels[i], config.layers_per_block + 1, groups, None if last else kind, **kw)
+            )
+        self.conv_norm_out = operations.GroupNorm(groups, channels[-1], eps=GROUP_NORM_EPS, dtype=dtype, device=device)
+        self.conv_out = operations.Conv3d(channels[-1], config.in_channels, 3, padding=(0, 1, 1), dtype=dtype, device=device)
+
+    def stem(self, z, mode):
+        return self.mid_block(self.conv_in(pad_time(z, mode)), mode)
+
+    def upsample(self, x, mode):
+        for block in self.up_blocks:
+            x = block(x, mode)
+        return self.conv_out(pad_time(F.silu(self.conv_norm_out(x)), mode))
+
+    def forward(self, z, mode):
+        return self.upsample(self.stem(z, mode), mode)
+
+
+class MagvitVAE(nn.Module):
+    """Encoder, decoder and the 1x1x1 quantisation convolutions of `AutoencoderKLMagvit`.
+
+    `encode_chunk` / `decode_chunk` process one chunk (V2) or slice (V3) with the given padding mode;
+    walking a whole video is the driver's job (`easyanimate.vae`).
+    """
+
+    def __init__(self, config: MagvitConfig, dtype=None, device=None, operations=nn):
+        super().__init__()
+        self.config = config
+        kw = dict(dtype=dtype, device=device, operations=operations)
+        self.encoder = MagvitEncoder(config, **kw)
+        self.decoder = MagvitDecoder(config, **kw)
+        latent = config.latent_channels
+        self.quant_conv = operations.Conv3d(2 * latent, 2 * latent, 1, dtype=dtype, device=device)
+        self.post_quant_conv = operations.Conv3d(latent, latent, 1, dtype=dtype, device=device)
+
+    def encode_chunk(self, x: torch.Tensor, mode: str) -> torch.Tensor:
+        """Pixels (B, 3, T, H, W) in [-1, 1] -> moments (B, 2 * latent, t, H/8, W/8)."""
+        return self.quant_conv(self.encoder(x, mode))
+
+    def decode_chunk(self, z: torch.Tensor, mode: str, before: int = 0, after: int = 0) -> torch.Tensor:
+        """Latents -> pixels. `before`/`after` leading/trailing latent frames of `z` are neighbour
+        context: they shape `conv_in` and the mid block (GroupNorm statistics and attention span
+        them) and are dropped before the upsampling stages."""
+        h = self.decoder.stem(self.post_quant_conv(z), mode)
+        if before or after:
+            h = h[:, :, before : h.shape[2] - after]
+        return self.decoder.upsample(h, mode)
+
+
+class DiagonalGaussian:
+    """The posterior the encoder predicts: moments = (mean | logvar) on the channel axis."""
+
+    def __init__(self, moments: torch.Tensor):
+        self.mean, logvar = moments.chunk(2, dim=1)
+        self.logvar = logvar.clamp(*LOGVAR_RANGE)
+
+    @property
+    def std(self) -> torch.Tensor:
+        return torch.exp(0.5 * self.logvar)
+
+    def mode(self) -> torch.Tensor:
+        return self.mean
+
+    def sample(self, generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """mean + std * N(0, 1). `noise` injects a recorded draw; otherwise it is drawn from
+        `generator` (an explicit generator seeded like the reference's global RNG reproduces its draw)."""
+        if noise is None:
+            if generator is None:
+                raise ValueError(
+                    "Sampling the VAE posterior needs a torch.Generator (or recorded noise); "
+                    "pass generator=torch.Generator().manual_seed(seed) so the result is reproducible."
+                )
+            noise = torch.randn(self.mean.shape, generator=generator, dtype=self.mean.dtype, device=generator.device)
+        if tuple(noise.shape) != tuple(self.mean.shape):
+            raise ValueError(f"Injected noise has shape {tuple(noise.shape)}; the posterior needs {tuple(self.mean.shape)}.")
+        return self.mean + self.std * noise.to(self.mean.device, self.mean.dtype)

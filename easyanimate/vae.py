@@ -1,0 +1,623 @@
+"""The VAEs of EasyAnimate V1–V3: loading, and driving them over whole videos with bounded memory.
+
+    vae = load_vae("EasyAnimateV3-XL-2-InP-512x512", dtype="bf16", device="cuda")
+    latents = vae.encode_latents(video, generator=g)             # (B,3,F,H,W) in [-1,1] -> scaled latents
+    frames = vae.decode_video(latents)                          # scaled latents -> (B,3,F,H,W) in [0,1]
+    frames = vae.decode_video(latents, reference_parity=True, generator=g)   # + the reference's smoothing
+
+How each family walks a video (spec §3.3–3.5; the arithmetic lives in `easyanimate.frames`):
+
+* V1: the SD image VAE on every frame.
+* V2: independent chunks, 9 frames <-> 3 latents, causal padding.
+* V3: slices, 8 frames <-> 2 latents, an odd first frame on its own; the decoder's first stages see
+  the neighbouring slices. Optional spatial tiling with overlap blending (on in the V3 release config).
+
+Memory: every encode/decode preallocates its output and writes each slice's (and tile's) result
+straight into it, so the working memory is that of one slice of one tile whatever the video length.
+Tiling and slicing commute here (a tile's slice depends only on the same tile of the neighbouring
+latent slices), so slices are the outer loop and a tile grid only keeps the blend strips of the
+current slice. The reference's results are reproduced exactly, tile for tile.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from .checkpoint import assign_tensors, describe_keys, file_key_shapes, iter_file, meta_tensors, parse_dtype, weight_files
+from .errors import CheckpointMismatchError, EasyAnimateError, LayoutError, UnsupportedModelError
+from .frames import FAMILY_RULES, FrameRule, latent_size
+
+log = logging.getLogger(__name__)
+
+FAMILIES = ("v1", "v2", "v3")
+# Keys of training leftovers in released VAE files (discriminators, perceptual loss, logvar).
+IGNORED_PREFIXES = ("loss.",)
+# Rough peak working memory of one slice, in multiples of its largest full-resolution activation
+# (input, normalised copy, temporally padded copy, convolution output, interpolation output).
+ACTIVATION_MULTIPLE = 6
+
+
+# ---------------------------------------------------------------------------------------- configs
+def family_defaults(family: str) -> dict:
+    """The full-size defaults of a family, kept as data in `easyanimate/configs/vae_<family>.json`."""
+    text = resources.files(__package__).joinpath("configs", f"vae_{family}.json").read_text()
+    return {k: v for k, v in json.loads(text).items() if not k.startswith("_")}
+
+
+def detect_family(config: dict | None, keys: Sequence[str] = ()) -> str | None:
+    """V1/V2/V3 from a VAE config (spec §1.6 step 5), else from weight names (V1 vs MagViT only).
+
+    Returns None when only the weights are known and they are MagViT: V2 and V3 share the network,
+    only the driving differs, and nothing in the file says which.
+    """
+    config = config or {}
+    if config.get("cache_mag_vae") or config.get("cache_compression_vae"):
+        raise UnsupportedModelError(
+            "This VAE config enables `cache_mag_vae`/`cache_compression_vae`: it is an EasyAnimate V5 VAE, "
+            "which this pack does not run (V1–V3 only)."
+        )
+    blocks = " ".join(config.get("down_block_types") or [])
+    if "DownEncoderBlock2D" in blocks:
+        return "v1"
+    if "Spatial" in blocks or "ch_mult" in config or "slice_compression_vae" in config:
+        if "slice_compression_vae" in config:
+            return "v3" if config["slice_compression_vae"] else "v2"
+        mbe = config.get("mini_batch_encoder")
+        return {8: "v3", 9: "v2"}.get(mbe, "v2")  # the reference class defaults to V2 driving
+    if any(".resnets." in k for k in keys):
+        return "v1"
+    if any(".convs." in k for k in keys):
+        return None
+    raise LayoutError(
+        "Cannot tell which VAE this is: the config has no `down_block_types` and the weights have neither "
+        "SD (`…resnets…`) nor MagViT (`…convs…`) names. Point the loader at an EasyAnimate `vae/` folder."
+    )
+
+
+def resolve_config(
+    family: str, file_config: dict | None, overrides: dict | None = None, inferred: dict | None = None
+) -> dict:
+    """Family defaults, then sizes `inferred` from the weights, then every key of the checkpoint's
+    config, then the caller's overrides.
+
+    Unknown keys are carried along and ignored by the model. Keys a config leaves out (old V2/V3
+    configs have no `ch`/`ch_mult`; rewritten ones add fields we do not use) come from the weights'
+    shapes where those tell them, else from the family defaults as in the reference's constructor.
+    """
+    config = family_defaults(family)
+    for source in (inferred or {}, file_config or {}, overrides or {}):
+        config.update({k: v for k, v in source.items() if not k.startswith("_")})
+    # Rewritten (V5-era) configs split tiling by direction.
+    if "use_tiling" not in (file_config or {}) and "use_tiling_decoder" in (file_config or {}):
+        config["use_tiling"] = bool(file_config["use_tiling_decoder"])
+    config["family"] = family
+    return config
+
+
+def frame_rule_for(family: str, config: dict) -> FrameRule:
+    if family == "v1":
+        return FAMILY_RULES["v1"]
+    from .models.vae_magvit import MagvitConfig
+
+    base = FAMILY_RULES[family]
+    return FrameRule(
+        family,
+        int(config["mini_batch_encoder"]),
+        int(config["mini_batch_decoder"]),
+        causal=base.causal,
+        lone_first_frame=base.lone_first_frame,
+        share_decoder_features=base.share_decoder_features,
+        temporal_stages=MagvitConfig.from_dict(config).temporal_stages,
+    )
+
+
+# ---------------------------------------------------------------------------------------- tiling
+@dataclass(frozen=True)
+class Tiling:
+    """Spatial tiling with linear blending of the overlaps (the reference's `tiled_encode/decode`).
+
+    `sample_size` is the tile edge in pixels (`tile_sample_min_size`, 384 in V3), `overlap` the
+    fraction of a tile shared with its neighbour (`tile_overlap_factor`, 0.25). Frames no larger than
+    one tile are not tiled, as in the reference, unless `force` (useful in tests).
+    """
+
+    sample_size: int = 384
+    overlap: float = 0.25
+    force: bool = False
+
+    def __post_init__(self):
+        if self.sample_size < 16 or not 0 <= self.overlap < 1:
+            raise EasyAnimateError(
+                f"Invalid tiling: tile size {self.sample_size} px, overlap {self.overlap}. "
+                "Use a tile of at least 16 px (multiples of 16 work best) and an overlap in [0, 1)."
+            )
+
+
+@dataclass(frozen=True)
+class _TileGrid:
+    tile: int  # input tile edge
+    step: int  # distance between tile starts (input units)
+    blend: int  # overlap blended (output units)
+    keep: int  # output kept per tile (output units)
+
+
+def _grid_for(tiling: Tiling, spatial_factor: int, decode: bool) -> _TileGrid:
+    latent_tile = int(tiling.sample_size / spatial_factor)
+    if decode:
+        return _TileGrid(
+            latent_tile,
+            int(latent_tile * (1 - tiling.overlap)),
+            int(tiling.sample_size * tiling.overlap),
+            tiling.sample_size - int(tiling.sample_size * tiling.overlap),
+        )
+    return _TileGrid(
+        tiling.sample_size,
+        int(tiling.sample_size * (1 - tiling.overlap)),
+        int(latent_tile * tiling.overlap),
+        latent_tile - int(latent_tile * tiling.overlap),
+    )
+
+
+def _blend_into(previous: torch.Tensor, current: torch.Tensor, extent: int, dim: int) -> None:
+    """Fade `previous`'s trailing strip into `current`'s leading one, in place:
+    cur[y] = prev[-e + y] * (1 - y/e) + cur[y] * (y/e)."""
+    extent = min(previous.shape[dim], current.shape[dim], extent)
+    if extent <= 0:
+        return
+    ramp = torch.arange(extent, dtype=torch.float64) / extent
+    shape = [1] * current.ndim
+    shape[dim] = extent
+    to = dict(dtype=current.dtype, device=current.device)
+    w_prev, w_cur = (1 - ramp).to(**to).view(shape), ramp.to(**to).view(shape)
+    head = current.narrow(dim, 0, extent)
+    head.copy_(previous.narrow(dim, previous.shape[dim] - extent, extent) * w_prev + head * w_cur)
+
+
+def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+    dst.copy_(src)
+
+
+def _average(dst: torch.Tensor, src: torch.Tensor) -> None:
+    # (first pass + second pass) / 2, in the order the reference computes it
+    dst.copy_((dst + src.to(dst.dtype)) / 2)
+
+
+def _clamped(write: Callable) -> Callable:
+    def clamp_then_write(dst, src):
+        write(dst, src.clamp(-1, 1))
+
+    return clamp_then_write
+
+
+def run_tiled(fn: Callable, x: torch.Tensor, grid: _TileGrid | None, dst: torch.Tensor, write: Callable = _copy) -> None:
+    """Apply `fn` to `x` (…, H, W) tile by tile in raster order and write the blended result to `dst`.
+
+    Each tile is blended with the already-blended tile above and then the one to its left (the
+    reference blends its stored tiles in place, so neighbours carry their own blends), then cropped
+    to `grid.keep` and written. Only the blend strips of the previous row and tile are kept.
+    """
+    if grid is None:
+        write(dst, fn(x))
+        return
+    height, width = x.shape[-2:]
+    rows, cols = range(0, height, grid.step), range(0, width, grid.step)
+    above: list[torch.Tensor | None] = [None] * len(cols)
+    y0 = 0
+    for top in rows:
+        left, x0, kept_h = None, 0, 0
+        for c, start in enumerate(cols):
+            tile = fn(x[..., top : top + grid.tile, start : start + grid.tile])
+            if above[c] is not None:
+                _blend_into(above[c], tile, grid.blend, dim=tile.ndim - 2)
+            if left is not None:
+                _blend_into(left, tile, grid.blend, dim=tile.ndim - 1)
+            th, tw = tile.shape[-2:]
+            above[c] = tile[..., th - min(grid.blend, th) :, :].clone()
+            left = tile[..., tw - min(grid.blend, tw) :].clone()
+            kept_h, kept_w = min(grid.keep, th), min(grid.keep, tw)
+            write(dst[..., y0 : y0 + kept_h, x0 : x0 + kept_w], tile[..., :kept_h, :kept_w])
+            x0 += kept_w
+            del tile
+        y0 += kept_h
+    if (y0, x0) != tuple(dst.shape[-2:]):
+        raise EasyAnimateError(
+            f"Tiling parameters do not tile this frame: tiles cover {y0}x{x0} of {tuple(dst.shape[-2:])}. "
+            "Use a tile size that is a multiple of 16 px and an overlap such as 0.25."
+        )
+
+
+# ---------------------------------------------------------------------------------------- the VAE
+class VideoVAE:
+    """A loaded VAE of one family with the driving rules of that family.
+
+    `encode`/`decode` work on unscaled latents, like the reference's `vae.encode/decode`;
+    `encode_latents`/`decode_video` are the pipeline-level operations of spec §3.6 (scaling factor,
+    clamping, output range, optional smoothing pass).
+    """
+
+    def __init__(self, model: torch.nn.Module, family: str, config: dict, *, compute_dtype: torch.dtype | None = None):
+        self.model = model.eval().requires_grad_(False)
+        self.family = family
+        self.config = config
+        self.rules: FrameRule = frame_rule_for(family, config)
+        self.scaling_factor = float(config.get("scaling_factor", 0.18215))
+        channels = config["block_out_channels"] if family == "v1" else [config["ch"] * m for m in config["ch_mult"]]
+        self.block_out_channels = list(channels)
+        self.spatial_factor = 2 ** (len(channels) - 1)
+        self.latent_channels = int(config["latent_channels"])
+        self.compute_dtype = compute_dtype or next(model.parameters()).dtype
+        self.tiling = (
+            Tiling(int(config.get("tile_sample_min_size", 384)), float(config.get("tile_overlap_factor", 0.25)))
+            if config.get("use_tiling")
+            else None
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def __repr__(self):
+        return (
+            f"VideoVAE({self.family}, {self.rules.frames_per_chunk}->{self.rules.latents_per_chunk} frames per chunk, "
+            f"compute {self.compute_dtype}, tiling {self.tiling})"
+        )
+
+    # ------------------------------------------------------------------ planning helpers
+    def _grid(self, tiling, memory_budget, size, frames, decode) -> _TileGrid | None:
+        if tiling is None and memory_budget is not None:
+            tiling = self.tiling_for_budget(memory_budget, size, frames, decode)
+        elif tiling is None:
+            tiling = self.tiling
+        if not tiling:
+            return None
+        grid = _grid_for(tiling, self.spatial_factor, decode)
+        if not tiling.force and max(size) <= grid.tile:
+            return None
+        return grid
+
+    def tiling_for_budget(self, budget_bytes: int, size: tuple[int, int], frames: int, decode: bool) -> Tiling | None:
+        """The largest tiles whose working memory (estimated) fits `budget_bytes`; None if the whole
+        frame fits. `size` is the input's (H, W) in latents (decode) or pixels (encode)."""
+        itemsize = torch.finfo(self.compute_dtype).bits // 8
+        ch = self.block_out_channels
+        if decode:
+            widest = ch[1] if len(ch) > 1 else ch[0]  # channels entering the last stage at full size
+            pixels_per_unit = self.spatial_factor**2
+        else:
+            widest, pixels_per_unit = ch[0], 1
+        per_pixel = ACTIVATION_MULTIPLE * widest * max(frames, 1) * itemsize
+        area_pixels = size[0] * size[1] * pixels_per_unit
+        if area_pixels * per_pixel <= budget_bytes:
+            return None
+        edge = int(math.sqrt(budget_bytes / per_pixel)) // 32 * 32
+        if edge < 64:
+            log.warning("A memory budget of %.1f MiB is below a 64 px tile's needs; using 64 px tiles.", budget_bytes / 2**20)
+            edge = 64
+        return Tiling(edge, 0.25)
+
+    def _compute(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.device, self.compute_dtype)
+
+    # ------------------------------------------------------------------ encode
+    @torch.no_grad()
+    def encode(self, video: torch.Tensor, *, tiling: Tiling | None | bool = None, memory_budget: int | None = None):
+        """Pixels (B, 3, F, H, W) in [-1, 1] -> posterior (`DiagonalGaussian`) over unscaled latents.
+
+        Chunks/slices are encoded one at a time into a preallocated moments tensor on `video`'s device.
+        """
+        from .models.vae_magvit import DiagonalGaussian
+
+        b, _, frames, height, width = video.shape
+        lat_h, lat_w = latent_size(height, width)
+        plan = self.rules.encode_plan(frames)
+        shape = (b, 2 * self.latent_channels, plan[-1].out_stop, lat_h, lat_w)
+        moments = torch.empty(shape, dtype=self.compute_dtype, device=video.device)
+        grid = self._grid(tiling, memory_budget, (height, width), self.rules.frames_per_chunk, decode=False)
+        for chunk in plan:
+
+            def encode_tile(x, mode=chunk.mode):
+                return self.model.encode_chunk(self._compute(x), mode)
+
+            pixels = video[:, :, chunk.start : chunk.stop]
+            run_tiled(encode_tile, pixels, grid, moments[:, :, chunk.out_start : chunk.out_stop])
+        return DiagonalGaussian(moments)
+
+    def _sample(self, posterior, frames: int, generator, noise):
+        """Sample as the reference pipelines do: V3 draws once for the whole clip, V2 once per
+        9-frame chunk (each chunk is a separate `vae.encode(...).sample()` call)."""
+        if noise is not None:
+            if isinstance(noise, (list, tuple)):
+                noise = torch.cat(list(noise), dim=2)
+            return posterior.sample(noise=noise)
+        if generator is None:
+            raise EasyAnimateError(
+                "Sampling the VAE posterior needs randomness: pass generator=torch.Generator().manual_seed(seed) "
+                "(or recorded noise=...)."
+            )
+        mean = posterior.mean
+        b, c, _, h, w = mean.shape
+        draw = dict(generator=generator, dtype=mean.dtype, device=generator.device)
+        if self.family == "v2":
+            chunks = self.rules.encode_plan(frames)
+            drawn = torch.cat([torch.randn(b, c, k.out_stop - k.out_start, h, w, **draw) for k in chunks], dim=2)
+        else:
+            drawn = torch.randn(mean.shape, **draw)
+        return posterior.sample(noise=drawn)
+
+    @torch.no_grad()
+    def encode_latents(
+        self, video, *, generator=None, noise=None, sample: bool = True, tiling=None, memory_budget=None
+    ) -> torch.Tensor:
+        """Pipeline encode (spec §3.6): pixels in [-1, 1] -> posterior sample x scaling factor.
+        `sample=False` uses the posterior mean instead (deterministic, no generator needed)."""
+        posterior = self.encode(video, tiling=tiling, memory_budget=memory_budget)
+        latents = self._sample(posterior, video.shape[2], generator, noise) if sample else posterior.mode()
+        return latents * self.scaling_factor
+
+    # ------------------------------------------------------------------ decode
+    @torch.no_grad()
+    def decode(
+        self,
+        latents: torch.Tensor,
+        *,
+        tiling: Tiling | None | bool = None,
+        memory_budget: int | None = None,
+        out: torch.Tensor | None = None,
+        out_dtype: torch.dtype = torch.float32,
+        out_device=None,
+        clamp: bool = False,
+        write: Callable = _copy,
+    ) -> torch.Tensor:
+        """Unscaled latents (B, C, L, h, w) -> pixels (B, 3, F, 8h, 8w), not clamped unless asked.
+
+        The output is allocated once (or given as `out`); each slice is decoded, written into it
+        and freed before the next, so memory beyond the output does not grow with the video length.
+        """
+        b, _, length, lat_h, lat_w = latents.shape
+        plan = self.rules.decode_plan(length)
+        factor = self.spatial_factor
+        shape = (b, self.config.get("out_channels", 3), plan[-1].out_stop, lat_h * factor, lat_w * factor)
+        if out is None:
+            out = torch.empty(shape, dtype=out_dtype, device=out_device or latents.device)
+        elif tuple(out.shape) != shape:
+            raise EasyAnimateError(f"Output buffer has shape {tuple(out.shape)}; decoding these latents gives {shape}.")
+        frames_per_slice = self.rules.chunk_frames(self.rules.latents_per_chunk, plan[-1].mode)
+        grid = self._grid(tiling, memory_budget, (lat_h, lat_w), frames_per_slice, decode=True)
+        write = _clamped(write) if clamp else write
+        for chunk in plan:
+            before, after = chunk.start - chunk.context_start, chunk.context_stop - chunk.stop
+
+            def decode_tile(z, mode=chunk.mode, before=before, after=after):
+                return self.model.decode_chunk(self._compute(z), mode, before, after)
+
+            window = latents[:, :, chunk.context_start : chunk.context_stop]
+            run_tiled(decode_tile, window, grid, out[:, :, chunk.out_start : chunk.out_stop], write)
+        return out
+
+    @torch.no_grad()
+    def decode_video(
+        self,
+        latents: torch.Tensor,
+        *,
+        smooth: bool | None = None,
+        reference_parity: bool = False,
+        generator: torch.Generator | None = None,
+        noise=None,
+        tiling: Tiling | None | bool = None,
+        memory_budget: int | None = None,
+        out_device=None,
+    ) -> torch.Tensor:
+        """Pipeline decode (spec §3.6): scaled latents -> video (B, 3, F, H, W) in [0, 1], float32.
+
+        `smooth` (default: on only with `reference_parity`) runs the reference's seam-smoothing round
+        trip: frames [a : -b] (a = chunk // 2) are re-encoded, sampled, decoded and averaged with the
+        first decode. It needs `generator` (a CPU generator seeded like the reference's global RNG
+        reproduces its draw) or recorded `noise`, and costs about one extra encode and decode.
+        """
+        if smooth is None:
+            smooth = reference_parity
+        if smooth and generator is None and noise is None:
+            raise EasyAnimateError(
+                "The smoothing pass samples the VAE posterior: pass generator=torch.Generator().manual_seed(seed) "
+                "or noise=..., or call with smooth=False."
+            )
+        z = latents * (1 / self.scaling_factor)
+        video = self.decode(z, tiling=tiling, memory_budget=memory_budget, out_device=out_device, clamp=self.family != "v1")
+        del z
+        if smooth and self.family != "v1":
+            self._smooth(video, generator, noise, tiling, memory_budget)
+        return video.clamp_(-1, 1).div_(2).add_(0.5).clamp_(0, 1)
+
+    def _smooth(self, video, generator, noise, tiling, memory_budget):
+        chunk = self.rules.frames_per_chunk
+        if video.shape[2] <= chunk:
+            return
+        head = chunk // 2
+        middle = video[:, :, head : video.shape[2] - (chunk - head)]
+        posterior = self.encode(middle, tiling=tiling, memory_budget=memory_budget)
+        latents = self._sample(posterior, middle.shape[2], generator, noise)
+        del posterior
+        if self.rules.pixel_frames(latents.shape[2]) != middle.shape[2]:
+            raise EasyAnimateError(
+                f"The smoothing pass cannot round-trip {middle.shape[2]} frames with this VAE; decode "
+                f"{self.rules.describe_valid()} frames, or pass smooth=False."
+            )
+        self.decode(latents, tiling=tiling, memory_budget=memory_budget, out=middle, write=_average)
+
+
+# ---------------------------------------------------------------------------------------- loading
+def _find_folder(path: Path) -> tuple[Path | None, list[Path]]:
+    """(folder holding config.json or None, weight files) for a release folder, a `vae/` folder or a file."""
+    if path.is_file():
+        return None, [path]
+    if not path.is_dir():
+        raise LayoutError(f"'{path}' does not exist. Pass an EasyAnimate release folder, its `vae/` folder, or a VAE weights file.")
+    folder = path / "vae" if (path / "vae").is_dir() else path
+    return (folder if (folder / "config.json").is_file() else None), weight_files(folder)
+
+
+def _common_prefix(keys) -> str:
+    for prefix in ("vae.", "first_stage_model."):
+        model_keys = [k for k in keys if not k.startswith(IGNORED_PREFIXES)]
+        if model_keys and all(k.startswith(prefix) for k in model_keys):
+            return prefix
+    return ""
+
+
+def _infer_magvit_shape(shapes: dict) -> dict:
+    """ch, ch_mult, latent_channels, layers_per_block from tensor shapes (config-less single files)."""
+    found = {}
+    if "encoder.conv_in.weight" in shapes:
+        found["ch"] = shapes["encoder.conv_in.weight"][0]
+        outs = []
+        i = 0
+        while f"encoder.down_blocks.{i}.convs.0.conv1.weight" in shapes:
+            outs.append(shapes[f"encoder.down_blocks.{i}.convs.0.conv1.weight"][0])
+            i += 1
+        if outs:
+            found["ch_mult"] = [o // found["ch"] for o in outs]
+        found["layers_per_block"] = len({k.split(".")[4] for k in shapes if k.startswith("encoder.down_blocks.0.convs.")})
+    if "post_quant_conv.weight" in shapes:
+        found["latent_channels"] = shapes["post_quant_conv.weight"][0]
+    return found
+
+
+def build_vae(
+    family: str, config: dict | None = None, *, dtype="fp32", device="cpu", operations=None, meta: bool = False
+) -> VideoVAE:
+    """A VAE of `family` with the family defaults updated by `config`: random weights, or meta
+    tensors (`meta=True`) for the loader to fill."""
+    family = family.lower()
+    if family not in FAMILIES:
+        raise EasyAnimateError(f"Unknown VAE family '{family}'; use one of {', '.join(FAMILIES)}.")
+    config = resolve_config(family, None, config)
+    requested = parse_dtype(dtype)
+    operations = operations or torch.nn
+    model = _construct(family, config, requested, "meta" if meta else device, operations)
+    compute = torch.float32 if requested == torch.float16 and _upcasts(family, config) else requested
+    if not meta and compute != requested:
+        model = model.to(requested).float()
+    return VideoVAE(model, family, config, compute_dtype=compute)
+
+
+def _upcasts(family, config) -> bool:
+    # fp16 overflows in these VAEs (black frames): the V3 reference sets `upcast_vae` for fp16 and runs
+    # the VAE in float32; SD's config asks for the same through `force_upcast`.
+    return family != "v1" or bool(config.get("force_upcast", True))
+
+
+def _construct(family, config, dtype, device, operations):
+    if family == "v1":
+        from .models.vae_kl import AutoencoderKL2D, KLConfig
+
+        return AutoencoderKL2D(KLConfig.from_dict(config), dtype=dtype, device=device, operations=operations)
+    from .models.vae_magvit import MagvitConfig, MagvitVAE
+
+    return MagvitVAE(MagvitConfig.from_dict(config), dtype=dtype, device=device, operations=operations)
+
+
+def load_vae(
+    path,
+    *,
+    family: str | None = None,
+    config: dict | str | Path | None = None,
+    dtype="fp32",
+    device="cpu",
+    operations=None,
+) -> VideoVAE:
+    """Load the VAE of an EasyAnimate V1/V2/V3 release.
+
+    `path`: a release folder (its `vae/` is used), a `vae/` folder (config.json + weights), or one
+    weights file (.safetensors, or .bin/.pt through `torch.load(weights_only=True)`). Single files
+    carry no config: pass `family` ("v2"/"v3" cannot be told apart from MagViT weights) and/or
+    `config` (a dict or a config.json path); sizes are otherwise read from the tensor shapes.
+    `dtype`: fp32, bf16 or fp16 (fp16 keeps fp16-rounded weights but computes in float32, as the
+    reference's `upcast_vae` does). Training leftovers (`loss.*`) are ignored; any other missing or
+    unexpected tensor is an error.
+    """
+    path = Path(path)
+    folder, files = _find_folder(path)
+    file_config = json.loads((folder / "config.json").read_text()) if folder else None
+    if isinstance(config, (str, Path)):
+        config = json.loads(Path(config).read_text())
+    shapes: dict[str, list[int]] = {}
+    for f in files:
+        shapes.update(file_key_shapes(f))
+    prefix = _common_prefix(shapes)
+    shapes = {k[len(prefix) :]: v for k, v in shapes.items() if k.startswith(prefix)}
+    if any(k.startswith(("encoder.down.", "decoder.up.")) for k in shapes):
+        raise LayoutError(
+            f"'{path}' is a VAE in the original LDM/CompVis key format (`encoder.down.0.block…`); this pack reads "
+            "the diffusers format of the released `vae/` folders. Use the `vae/` folder of the release."
+        )
+    merged_source = {**(file_config or {}), **(config or {})}
+    detected = detect_family(merged_source or None, list(shapes))
+    if family is None:
+        family = detected
+    elif detected == "v1" and family.lower() != "v1" or detected in ("v2", "v3") and family.lower() == "v1":
+        raise LayoutError(f"'{path}' holds a {detected.upper()} VAE, but family='{family}' was requested.")
+    if family is None:
+        raise LayoutError(
+            f"'{path}' holds MagViT VAE weights without a config: V2 (9-frame chunks) and V3 (8-frame slices) "
+            "share them. Pass family='v2' or family='v3' (or the release's vae/config.json as config=)."
+        )
+    family = family.lower()
+    inferred = _infer_magvit_shape(shapes) if family != "v1" else {}
+    if family != "v1" and shapes.get("post_quant_conv.weight", [4])[0] != 4:
+        raise UnsupportedModelError(
+            f"'{path}' has {shapes['post_quant_conv.weight'][0]} latent channels: it is not an EasyAnimate V1–V3 VAE "
+            "(V5 uses 16). This pack runs V1–V3 only."
+        )
+    overrides = dict(config or {})
+    if detected in ("v2", "v3") and family != detected:
+        # The caller's family wins over the config's driving mode, with that family's chunk sizes.
+        driving = ("slice_compression_vae", "mini_batch_encoder", "mini_batch_decoder")
+        overrides = {**{k: family_defaults(family)[k] for k in driving}, **overrides}
+    resolved = resolve_config(family, file_config, overrides, inferred)
+    vae = build_vae(family, resolved, dtype=dtype, device=device, operations=operations, meta=True)
+    requested = parse_dtype(dtype)
+
+    def rename(key):
+        if not key.startswith(prefix):
+            return None
+        key = key[len(prefix) :]
+        if key.startswith(IGNORED_PREFIXES):
+            return None
+        if family == "v1":
+            from .models.vae_kl import rename_old_attention
+
+            key = rename_old_attention(key)
+        return key
+
+    def tensors():
+        for f in files:
+            yield from iter_file(f)
+
+    source = f"VAE '{path}'"
+    _, unexpected = assign_tensors(vae.model, tensors(), dtype=requested, device=device, rename=rename, source=source)
+    missing = meta_tensors(vae.model)
+    if missing or unexpected:
+        problems = []
+        if missing:
+            problems.append(f"missing {describe_keys(missing)}")
+        if unexpected:
+            problems.append(f"unexpected {describe_keys(unexpected)}")
+        raise CheckpointMismatchError(
+            f"{source} does not match the {family.upper()} VAE built from its config: {'; '.join(problems)}. "
+            "The config describes another model, or the file is not an EasyAnimate VAE."
+        )
+    if vae.compute_dtype != requested:
+        vae.model.float()
+    log.info(
+        "Loaded %s VAE from %s: slice_compression_vae=%s, mini_batch_encoder=%s, mini_batch_decoder=%s, use_tiling=%s, compute %s",
+        family, path, resolved.get("slice_compression_vae"), resolved.get("mini_batch_encoder"),
+        resolved.get("mini_batch_decoder"), resolved.get("use_tiling"), vae.compute_dtype,
+    )
+    return vae

@@ -1,0 +1,70 @@
+"""Frame arithmetic of the three families (spec §3.3, §3.4): counts, rounding, slicing plans."""
+import pytest
+
+from easyanimate.errors import EasyAnimateError
+from easyanimate.frames import CAUSAL, SINGLE, SLICE, FrameCountError, frame_rule, latent_size, pixel_size
+
+
+@pytest.mark.parametrize(
+    "family, frames, latents",
+    [("v3", 144, 36), ("v3", 72, 18), ("v3", 8, 2), ("v3", 1, 1), ("v2", 144, 48), ("v2", 72, 24), ("v2", 9, 3),
+     ("v2", 1, 1), ("v1", 80, 80), ("v1", 5, 5)],
+)
+def test_latent_frames_of_valid_counts(family, frames, latents):
+    rule = frame_rule(family)
+    assert rule.latent_frames(frames) == latents
+    assert rule.check_frames(frames).frames == frames
+    assert rule.pixel_frames(latents) == frames
+
+
+@pytest.mark.parametrize("family, requested, frames, latents", [("v3", 20, 16, 4), ("v3", 143, 136, 34), ("v2", 100, 99, 33)])
+def test_rounding_follows_the_reference_and_reports_the_count(family, requested, frames, latents):
+    count = frame_rule(family).round_frames(requested)
+    assert (count.frames, count.latents, count.changed) == (frames, latents, True)
+
+
+def test_strict_check_names_the_valid_counts():
+    with pytest.raises(FrameCountError, match="multiple of 8") as err:
+        frame_rule("v3").check_frames(20)
+    assert "16" in str(err.value)
+    with pytest.raises(FrameCountError, match="multiple of 9"):
+        frame_rule("v2").check_frames(10)
+    with pytest.raises(FrameCountError, match="too short"):
+        frame_rule("v3").round_frames(5)
+    with pytest.raises(FrameCountError, match="at least 1"):
+        frame_rule("v1").round_frames(0)
+    assert issubclass(FrameCountError, EasyAnimateError)
+
+
+def test_what_the_vae_itself_does_with_any_count():
+    v3, v2 = frame_rule("v3"), frame_rule("v2")
+    # V3: odd counts encode frame 0 alone; partial slices shrink by 4 (rounded up)
+    assert [v3.encoded_latents(f) for f in (1, 16, 17, 12, 3)] == [1, 4, 5, 3, 2]
+    assert [v3.pixel_frames(n) for n in (1, 4, 5, 3)] == [1, 16, 17, 9]
+    # V2: causal chunks, 9 -> 3 -> 9, a partial chunk of n latents gives 4n - 3 frames
+    assert [v2.encoded_latents(f) for f in (27, 1, 10)] == [9, 1, 4]
+    assert [v2.pixel_frames(n) for n in (9, 1, 4, 5)] == [27, 1, 10, 14]
+
+
+def test_decode_plans_carry_modes_and_neighbour_context():
+    plan = frame_rule("v3").decode_plan(7)  # lone first latent, then 3 slices of 2
+    assert [(c.start, c.stop, c.mode) for c in plan] == [(0, 1, SINGLE), (1, 3, SLICE), (3, 5, SLICE), (5, 7, SLICE)]
+    # the lone first latent is not a neighbour of slice 1; inner slices see both neighbours
+    assert [(c.context_start, c.context_stop) for c in plan] == [(0, 1), (1, 5), (1, 7), (3, 7)]
+    assert [(c.out_start, c.out_stop) for c in plan] == [(0, 1), (1, 9), (9, 17), (17, 25)]
+    v2 = frame_rule("v2").decode_plan(6)
+    assert [(c.start, c.stop, c.mode, c.context_start, c.context_stop) for c in v2] == [(0, 3, CAUSAL, 0, 3), (3, 6, CAUSAL, 3, 6)]
+    # encoder slices never share features
+    assert all((c.context_start, c.context_stop) == (c.start, c.stop) for c in frame_rule("v3").encode_plan(33))
+
+
+def test_spatial_factor():
+    assert latent_size(384, 672) == (48, 84)
+    assert pixel_size(48, 84) == (384, 672)
+    with pytest.raises(FrameCountError, match="multiples of 8"):
+        latent_size(100, 64)
+
+
+def test_unknown_family():
+    with pytest.raises(EasyAnimateError, match="v1, v2, v3"):
+        frame_rule("v4")

@@ -205,6 +205,14 @@ def generate(
         raise EasyAnimateError("A denoise strength below 1 needs an input video (video-to-video).")
     if not 0 <= clip_apply_ratio <= 1:
         raise EasyAnimateError(f"clip_apply_ratio must be in [0, 1], got {clip_apply_ratio}.")
+    sampler_obj = build_sampler(sampler, scheduler_config)
+    sampler_obj.set_timesteps(steps)
+    start = first_step_for_strength(steps, strength)
+    cond = conditioning_video(frames, height, width, start_images, end_images, video)
+    batch = positive.embeds.shape[0]
+    shape = (batch, vae.latent_channels, count.latents, lat_h, lat_w)
+    if noise is not None and tuple(noise.shape) != shape:
+        raise EasyAnimateError(f"noise has shape {tuple(noise.shape)}; this run needs {shape}.")
 
     device = next(transformer.parameters()).device
     dtype = transformer.dtype
@@ -218,10 +226,7 @@ def generate(
         draw = vae_draws.pop(0) if vae_draws else None
         return vae.encode_latents(pixels, generator=None if draw is not None else vae_generator, noise=draw)
 
-    cond = conditioning_video(frames, height, width, start_images, end_images, video)
     pixels = cond.video * 2 - 1
-    batch = positive.embeds.shape[0]
-    shape = (batch, vae.latent_channels, count.latents, lat_h, lat_w)
 
     # The reference encodes the conditioning video even when only the inpaint channels use it.
     video_latents = vae_encode(pixels) if (inpaint_model or strength < 1) else None
@@ -241,13 +246,8 @@ def generate(
             clip_image_embeds = image_encoder.encode(cond.clip_image)
         clip = clip_conditioning(clip_image_embeds, batch, guidance=use_guidance, dtype=dtype, device=device)
 
-    sampler_obj = build_sampler(sampler, scheduler_config)
-    sampler_obj.set_timesteps(steps)
-    start = first_step_for_strength(steps, strength)
     if noise is None:
         noise = torch.randn(shape, generator=generator, device=generator.device, dtype=dtype)
-    elif tuple(noise.shape) != shape:
-        raise EasyAnimateError(f"noise has shape {tuple(noise.shape)}; this run needs {shape}.")
     noise = noise.to(device, dtype)
     latents = start_latents(sampler_obj, noise, start,
                             video_latents.to(device, dtype).expand(shape) if strength < 1 else None)
@@ -267,3 +267,154 @@ def generate(
 
     return denoise(model_fn, latents, sampler_obj, guidance_scale, start_index=start, generator=generator,
                    latent_channels=vae.latent_channels, callback=callback)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Long videos: segments, each conditioned on the last frames of the one before, cross-faded
+# ----------------------------------------------------------------------------------------------------
+
+def segment_plan(frames: int, segment: int, overlap: int, chunk: int) -> list[int]:
+    """Frames of each segment of a long video, cut as the reference cuts them: full segments that
+    overlap by `overlap` frames, then a last one rounded down to whole chunks of `chunk` frames."""
+    plan, start = [], 0
+    while start < frames:
+        if start + segment >= frames:
+            last = (frames - start) // chunk * chunk
+            if last > 0:
+                plan.append(last)
+            break
+        plan.append(segment)
+        start += segment - overlap
+    return plan
+
+
+def generate_long(
+    transformer,
+    vae,
+    positive: Conditioning,
+    negative: Optional[Conditioning] = None,
+    *,
+    frames: int,
+    height: int,
+    width: int,
+    segment_frames: int,
+    overlap: int = 4,
+    start_images: Optional[torch.Tensor] = None,
+    seed: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
+    vae_generator: Optional[torch.Generator] = None,
+    decode_options: Optional[dict] = None,
+    callback: Optional[Callable[[int, int, torch.Tensor], Optional[bool]]] = None,
+    **generate_options,
+) -> torch.Tensor:
+    """A video longer than one segment (the reference's `partial_video_length` mode), decoded, in [0, 1].
+
+    Each segment after the first starts from the last `overlap` frames of the video so far (as start
+    images, through 8-bit pixels as the reference does); the overlapping frames are cross-faded
+    linearly. Needs a V3 InP model. One generator runs through all segments, so a seed gives one video.
+    `generate_options` are passed to `generate` (steps, guidance_scale, sampler, image_encoder, ...).
+    """
+    if transformer.config.in_channels != 12:
+        raise EasyAnimateError("Long videos are conditioned on earlier frames, which needs a V3 InP model (12 input channels).")
+    segment = vae.rules.check_frames(segment_frames).frames
+    if not 0 < overlap < segment:
+        raise EasyAnimateError(f"overlap must be between 1 and segment_frames - 1 ({segment - 1}); got {overlap}.")
+    plan = segment_plan(frames, segment, overlap, vae.rules.frames_per_chunk)
+    seed = 0 if seed is None else seed
+    generator = generator or torch.Generator().manual_seed(seed)
+    vae_generator = vae_generator or torch.Generator().manual_seed(seed + 1)
+    steps = generate_options.get("steps", 25)
+    total = steps * len(plan)
+
+    video, images = None, start_images
+    for index, length in enumerate(plan):
+        def segment_progress(done, _total, latents, offset=index * steps):
+            return callback(offset + done, total, latents) if callback else None
+
+        latents = generate(transformer, vae, positive, negative, frames=length, height=height, width=width,
+                           start_images=images, generator=generator, vae_generator=vae_generator,
+                           callback=segment_progress, **generate_options)
+        part = vae.decode_video(latents, generator=vae_generator, **(decode_options or {})).cpu()
+        if video is None:
+            video = part
+        else:
+            mix = (torch.arange(overlap, dtype=torch.float32) / overlap).view(1, 1, overlap, 1, 1)
+            video[:, :, -overlap:] = video[:, :, -overlap:] * (1 - mix) + part[:, :, :overlap] * mix
+            video = torch.cat([video, part[:, :, overlap:]], dim=2)
+        images = ((video[0, :, -overlap:] * 255).to(torch.uint8).float() / 255).transpose(0, 1)
+    return video
+
+
+# ----------------------------------------------------------------------------------------------------
+# A whole release in one object, and prompt -> video in one call (what the command line uses)
+# ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class EasyAnimateModel:
+    """The parts of one EasyAnimate release, loaded."""
+
+    family: str
+    transformer: object
+    vae: object
+    text_encoder: object = None
+    image_encoder: object = None
+    scheduler_config: Optional[object] = None  # the release's scheduler/ folder, when it has one
+
+
+def load_model(path, *, dtype="bf16", device="cpu", text_encoder: bool = True, image_encoder: bool = True,
+               motion_module=None, personalized=None) -> EasyAnimateModel:
+    """Load a release folder (transformer/, vae/, text_encoder/ + tokenizer/, image_encoder/, scheduler/)."""
+    from pathlib import Path
+
+    from .loading import load_transformer
+    from .vae import load_vae
+
+    root = Path(path)
+    transformer = load_transformer(root, dtype=dtype, device=device, motion_module=motion_module, personalized=personalized)
+    vae = load_vae(root, dtype=dtype, device=device)
+    encoder = None
+    if text_encoder:
+        from .text import load_text_encoder
+
+        if not (root / "text_encoder").is_dir():
+            raise EasyAnimateError(
+                f"'{root}' has no text_encoder/ folder; load the T5 encoder separately (load_text_encoder) "
+                "or pass text_encoder=False and encode prompts yourself."
+            )
+        encoder = load_text_encoder(root, dtype=dtype, device=device)
+    clip = None
+    if image_encoder and transformer.config.has_clip_projection and (root / "image_encoder").is_dir():
+        from .image_encoder import load_image_encoder
+
+        clip = load_image_encoder(root, dtype=dtype, device=device)
+    scheduler = root / "scheduler" if (root / "scheduler" / "scheduler_config.json").is_file() else None
+    return EasyAnimateModel(transformer.config.family, transformer, vae, encoder, clip, scheduler)
+
+
+def make_video(
+    model: EasyAnimateModel,
+    prompt: str,
+    negative_prompt: str = "",
+    *,
+    frames: int,
+    height: int,
+    width: int,
+    clean_caption: bool = True,
+    smooth: bool = False,
+    tiling=None,
+    **generate_options,
+) -> torch.Tensor:
+    """Prompt (and optional start/end images or input video) -> video (1, 3, F, H, W) in [0, 1], on the CPU."""
+    if model.text_encoder is None:
+        raise EasyAnimateError("This model was loaded without its text encoder; encode prompts and call generate().")
+    text = model.text_encoder.encode([prompt], [negative_prompt], clean_caption=clean_caption)
+    positive = Conditioning(text.embeds, text.mask)
+    negative = Conditioning(text.negative_embeds, text.negative_mask)
+    generate_options.setdefault("scheduler_config", model.scheduler_config)
+    if model.image_encoder is not None:
+        generate_options.setdefault("image_encoder", model.image_encoder)
+    seed = generate_options.get("seed")
+    latents = generate(model.transformer, model.vae, positive, negative, frames=frames, height=height, width=width,
+                       **generate_options)
+    decode_generator = torch.Generator().manual_seed((0 if seed is None else seed) + 2) if smooth else None
+    return model.vae.decode_video(latents, smooth=smooth, generator=decode_generator, tiling=tiling, out_device="cpu")

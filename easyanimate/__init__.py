@@ -23,6 +23,10 @@ _LAZY = {
     "denoise": "sampling",
     "SAMPLER_NAMES": "sampling",
     "SamplingCancelled": "sampling",
+    "read_lora": "lora",
+    "resolve_lora": "lora",
+    "lora_patches": "lora",
+    "LoRAStack": "lora",
     "Conditioning": "pipeline",
     "generate": "pipeline",
 }

@@ -307,10 +307,12 @@ class VideoVAE:
 
     # ------------------------------------------------------------------ encode
     @torch.no_grad()
-    def encode(self, video: torch.Tensor, *, tiling: Tiling | None | bool = None, memory_budget: int | None = None):
+    def encode(self, video: torch.Tensor, *, tiling: Tiling | None | bool = None, memory_budget: int | None = None,
+               progress: Callable[[int, int], None] | None = None):
         """Pixels (B, 3, F, H, W) in [-1, 1] -> posterior (`DiagonalGaussian`) over unscaled latents.
 
         Chunks/slices are encoded one at a time into a preallocated moments tensor on `video`'s device.
+        `progress(done, total)` is called after each chunk (hosts update a bar or stop there).
         """
         from .models.vae_magvit import DiagonalGaussian
 
@@ -320,13 +322,15 @@ class VideoVAE:
         shape = (b, 2 * self.latent_channels, plan[-1].out_stop, lat_h, lat_w)
         moments = torch.empty(shape, dtype=self.compute_dtype, device=video.device)
         grid = self._grid(tiling, memory_budget, (height, width), self.rules.frames_per_chunk, decode=False)
-        for chunk in plan:
+        for done, chunk in enumerate(plan, start=1):
 
             def encode_tile(x, mode=chunk.mode):
                 return self.model.encode_chunk(self._compute(x), mode)
 
             pixels = video[:, :, chunk.start : chunk.stop]
             run_tiled(encode_tile, pixels, grid, moments[:, :, chunk.out_start : chunk.out_stop])
+            if progress is not None:
+                progress(done, len(plan))
         return DiagonalGaussian(moments)
 
     def _sample(self, posterior, frames: int, generator, noise):
@@ -353,11 +357,11 @@ class VideoVAE:
 
     @torch.no_grad()
     def encode_latents(
-        self, video, *, generator=None, noise=None, sample: bool = True, tiling=None, memory_budget=None
+        self, video, *, generator=None, noise=None, sample: bool = True, tiling=None, memory_budget=None, progress=None
     ) -> torch.Tensor:
         """Pipeline encode (spec §3.6): pixels in [-1, 1] -> posterior sample x scaling factor.
         `sample=False` uses the posterior mean instead (deterministic, no generator needed)."""
-        posterior = self.encode(video, tiling=tiling, memory_budget=memory_budget)
+        posterior = self.encode(video, tiling=tiling, memory_budget=memory_budget, progress=progress)
         latents = self._sample(posterior, video.shape[2], generator, noise) if sample else posterior.mode()
         return latents * self.scaling_factor
 
@@ -374,6 +378,7 @@ class VideoVAE:
         out_device=None,
         clamp: bool = False,
         write: Callable = _copy,
+        progress: Callable[[int, int], None] | None = None,
     ) -> torch.Tensor:
         """Unscaled latents (B, C, L, h, w) -> pixels (B, 3, F, 8h, 8w), not clamped unless asked.
 
@@ -391,7 +396,7 @@ class VideoVAE:
         frames_per_slice = self.rules.chunk_frames(self.rules.latents_per_chunk, plan[-1].mode)
         grid = self._grid(tiling, memory_budget, (lat_h, lat_w), frames_per_slice, decode=True)
         write = _clamped(write) if clamp else write
-        for chunk in plan:
+        for done, chunk in enumerate(plan, start=1):
             before, after = chunk.start - chunk.context_start, chunk.context_stop - chunk.stop
 
             def decode_tile(z, mode=chunk.mode, before=before, after=after):
@@ -399,6 +404,8 @@ class VideoVAE:
 
             window = latents[:, :, chunk.context_start : chunk.context_stop]
             run_tiled(decode_tile, window, grid, out[:, :, chunk.out_start : chunk.out_stop], write)
+            if progress is not None:
+                progress(done, len(plan))
         return out
 
     @torch.no_grad()
@@ -413,6 +420,7 @@ class VideoVAE:
         tiling: Tiling | None | bool = None,
         memory_budget: int | None = None,
         out_device=None,
+        progress: Callable[[int, int], None] | None = None,
     ) -> torch.Tensor:
         """Pipeline decode (spec §3.6): scaled latents -> video (B, 3, F, H, W) in [0, 1], float32.
 
@@ -429,19 +437,20 @@ class VideoVAE:
                 "or noise=..., or call with smooth=False."
             )
         z = latents * (1 / self.scaling_factor)
-        video = self.decode(z, tiling=tiling, memory_budget=memory_budget, out_device=out_device, clamp=self.family != "v1")
+        video = self.decode(z, tiling=tiling, memory_budget=memory_budget, out_device=out_device,
+                            clamp=self.family != "v1", progress=progress)
         del z
         if smooth and self.family != "v1":
-            self._smooth(video, generator, noise, tiling, memory_budget)
+            self._smooth(video, generator, noise, tiling, memory_budget, progress)
         return video.clamp_(-1, 1).div_(2).add_(0.5).clamp_(0, 1)
 
-    def _smooth(self, video, generator, noise, tiling, memory_budget):
+    def _smooth(self, video, generator, noise, tiling, memory_budget, progress=None):
         chunk = self.rules.frames_per_chunk
         if video.shape[2] <= chunk:
             return
         head = chunk // 2
         middle = video[:, :, head : video.shape[2] - (chunk - head)]
-        posterior = self.encode(middle, tiling=tiling, memory_budget=memory_budget)
+        posterior = self.encode(middle, tiling=tiling, memory_budget=memory_budget, progress=progress)
         latents = self._sample(posterior, middle.shape[2], generator, noise)
         del posterior
         if self.rules.pixel_frames(latents.shape[2]) != middle.shape[2]:
@@ -449,7 +458,7 @@ class VideoVAE:
                 f"The smoothing pass cannot round-trip {middle.shape[2]} frames with this VAE; decode "
                 f"{self.rules.describe_valid()} frames, or pass smooth=False."
             )
-        self.decode(latents, tiling=tiling, memory_budget=memory_budget, out=middle, write=_average)
+        self.decode(latents, tiling=tiling, memory_budget=memory_budget, out=middle, write=_average, progress=progress)
 
 
 # ---------------------------------------------------------------------------------------- loading

@@ -162,8 +162,9 @@ class DiTBlock(nn.Module):
 
     def forward(self, x, t6, context, context_bias, frames, height, width):
         b = x.shape[0]
+        # `.to(t6)`: a host that streams weights layer by layer may leave this bare parameter elsewhere.
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = (
-            self.scale_shift_table[None] + t6.reshape(b, 6, -1)
+            self.scale_shift_table[None].to(t6) + t6.reshape(b, 6, -1)
         ).chunk(6, dim=1)
 
         h = layer_norm(x, self.eps, self.fp32_norms) * (1 + scale_a) + shift_a
@@ -247,7 +248,7 @@ class EasyAnimateTransformer3D(nn.Module):
             if cfg.enable_uvit and index < UVIT_PUSHES:
                 skips.append(tokens)
 
-        shift, scale = (self.scale_shift_table[None] + t_emb[:, None]).chunk(2, dim=1)
+        shift, scale = (self.scale_shift_table[None].to(t_emb) + t_emb[:, None]).chunk(2, dim=1)
         tokens = layer_norm(tokens, 1e-6, in_fp32=False) * (1 + scale) + shift
         tokens = self.proj_out(tokens)
         return rearrange(

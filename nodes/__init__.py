@@ -1,7 +1,27 @@
 """ComfyUI nodes of the pack: the only package that talks to ComfyUI.
 
-Node modules import `comfy`, `folder_paths` and the model core inside their functions, so this
-package imports cheaply with or without ComfyUI.
+Node modules import `comfy`, `folder_paths` and the heavy parts of the model core inside their functions
+(see `host.py`), so this package imports cheaply with or without ComfyUI.
 """
-NODE_CLASS_MAPPINGS: dict = {}
-NODE_DISPLAY_NAME_MAPPINGS: dict = {}
+from .conditioning import EasyAnimateT5Encode
+from .loaders import EasyAnimateLoRALoader, LoadEasyAnimate
+from .sampling import EasyAnimateSampler
+from .video import EasyAnimateSliceVAEDecode, EasyAnimateVAEEncode
+
+NODE_CLASS_MAPPINGS = {
+    "LoadEasyAnimate": LoadEasyAnimate,
+    "EasyAnimateT5Encode": EasyAnimateT5Encode,
+    "EasyAnimateSampler": EasyAnimateSampler,
+    "EasyAnimateSliceVAEDecode": EasyAnimateSliceVAEDecode,
+    "EasyAnimateVAEEncode": EasyAnimateVAEEncode,
+    "EasyAnimateLoRALoader": EasyAnimateLoRALoader,
+}
+
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "LoadEasyAnimate": "Load EasyAnimate",
+    "EasyAnimateT5Encode": "T5 Encode (EasyAnimate)",
+    "EasyAnimateSampler": "EasyAnimate Sampler",
+    "EasyAnimateSliceVAEDecode": "Slice VAE Decode (EasyAnimate)",
+    "EasyAnimateVAEEncode": "VAE Encode (EasyAnimate)",
+    "EasyAnimateLoRALoader": "LoRA Loader (EasyAnimate)",
+}

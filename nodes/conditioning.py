@@ -1,0 +1,98 @@
+"""Prompt encoding: the release's T5, or ComfyUI's native CLIP object loaded from a single T5-XXL file."""
+from __future__ import annotations
+
+from contextlib import ExitStack
+
+from . import host
+from .handles import T5, TEXT_EMBEDS
+
+# The negative prompt of the V2/V3 reference scripts and ComfyUI workflows (spec §4.3).
+DEFAULT_NEGATIVE = (
+    "The video is not of a high quality, it has a low resolution, and the audio quality is not clear. Strange motion "
+    "trajectory, a poor composition and deformed video, low resolution, duplicate and ugly, strange body structure, "
+    "long and strange neck, bad teeth, bad eyes, bad limbs, bad hands, rotating camera, blurry camera, shaking camera. "
+    "Deformation, low-resolution, blurry, ugly, distortion."
+)
+
+
+class TextEmbeds(tuple):
+    """EASYANIMATE_TEXT_EMBEDS: (positive, negative) `Conditioning`s of the core."""
+
+    @property
+    def positive(self):
+        return self[0]
+
+    @property
+    def negative(self):
+        return self[1]
+
+
+class EasyAnimateT5Encode:
+    DESCRIPTION = (
+        "Encodes the prompt and the negative prompt with T5 (120 tokens, attention mask, the reference's caption "
+        "cleaning), as EasyAnimate was trained. Takes the T5 of a release folder, or a native CLIP loaded from a "
+        "single T5-XXL file (Load CLIP, type sd3 or pixart; the file you already have for Flux/SD3)."
+    )
+    CATEGORY = "EasyAnimate"
+    RETURN_TYPES = (TEXT_EMBEDS,)
+    RETURN_NAMES = ("embeds",)
+    OUTPUT_TOOLTIPS = ("Prompt and negative-prompt embeddings for the EasyAnimate Sampler.",)
+    FUNCTION = "encode"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "prompt": ("STRING", {"multiline": True, "default": "",
+                                      "tooltip": "What the video shows. English; EasyAnimate was trained on detailed captions."}),
+                "negative_prompt": ("STRING", {"multiline": True, "default": DEFAULT_NEGATIVE,
+                                               "tooltip": "What to avoid (classifier-free guidance). The default is the reference's."}),
+                "clean_caption": ("BOOLEAN", {"default": True, "tooltip": "Clean both prompts as the reference does "
+                                              "(lower-case, strip URLs/HTML/CJK, ...). Off: use them as typed."}),
+            },
+            "optional": {
+                "t5": (T5, {"tooltip": "The T5 of a release folder (from Load EasyAnimate)."}),
+                "clip": ("CLIP", {"tooltip": "Or ComfyUI's native CLIP holding a T5-XXL encoder (t5xxl_fp16 / fp8 file)."}),
+            },
+        }
+
+    def encode(self, prompt, negative_prompt, clean_caption=True, t5=None, clip=None):
+        from ..easyanimate.pipeline import Conditioning
+
+        if t5 is None and clip is None:
+            raise ValueError("Connect either the t5 output of Load EasyAnimate or a native CLIP with a T5-XXL encoder.")
+        if t5 is not None:
+            encoder, component = t5.source.load(), t5.source.component
+            with ExitStack() as stack:
+                stack.enter_context(component.placed())
+                signature = tuple((str(p), s) for p, s in t5.loras)
+                if signature != t5.source.last_lora_signature:
+                    encoder.clear_cache()  # cached embeddings were made with other LoRA weights
+                    t5.source.last_lora_signature = signature
+                if t5.loras:
+                    from ..easyanimate.lora import lora_patches, read_lora, resolve_lora
+
+                    stack.enter_context(lora_patches(encoder.model, [
+                        (resolve_lora(read_lora(path), None, encoder.model), strength) for path, strength in t5.loras
+                    ]))
+                host.check_interrupt()
+                text = encoder.encode([prompt], [negative_prompt], clean_caption=clean_caption)
+        else:
+            text = _encode_with_native_clip(clip, prompt, negative_prompt, clean_caption)
+        return (TextEmbeds((Conditioning(text.embeds, text.mask), Conditioning(text.negative_embeds, text.negative_mask))),)
+
+
+def _encode_with_native_clip(clip, prompt, negative_prompt, clean_caption):
+    """Run our T5 encode (120 tokens, mask, cleaning) on the T5 weights inside ComfyUI's CLIP object.
+
+    The weights are shared, not copied: the HF T5 module is assembled from the very Parameter objects of
+    ComfyUI's T5, so ComfyUI's placement and CLIP LoRAs apply to it. The tokenizer is ComfyUI's own T5
+    tokenizer (sentencepiece model shipped with ComfyUI).
+    """
+    from ..easyanimate.text import encoder_from_native_t5
+
+    encoder = encoder_from_native_t5(clip)
+    import comfy.model_management
+
+    comfy.model_management.load_models_gpu([clip.patcher])
+    return encoder.encode([prompt], [negative_prompt], clean_caption=clean_caption)

@@ -1,0 +1,155 @@
+"""Loader nodes: an EasyAnimate release (transformer, VAE, T5) and LoRAs."""
+from __future__ import annotations
+
+import logging
+import weakref
+from pathlib import Path
+
+import torch
+
+from . import host
+from .handles import MODEL, T5, VAE, ModelHandle, T5Handle, TextEncoderSource, VAEHandle
+
+log = logging.getLogger(__name__)
+
+CATEGORY = "EasyAnimate"
+PRECISIONS = ["auto", "bf16", "fp16", "fp32"]
+NONE = "none"
+
+# Loaded models by what was loaded. Weak values: an entry lives only as long as some workflow output holds
+# the model handle (which holds its VAE and T5 handles), so this never keeps a model in memory on its own.
+_LOADED: "weakref.WeakValueDictionary[tuple, ModelHandle]" = weakref.WeakValueDictionary()
+
+
+def _precision(choice: str) -> str:
+    if choice != "auto":
+        return choice
+    comfy = host.comfy_modules()
+    device = host.compute_device()
+    if comfy:
+        dtype = comfy[0].unet_dtype(device, supported_dtypes=[torch.bfloat16, torch.float16, torch.float32])
+        return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def _signature(path: Path) -> tuple:
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in files)
+
+
+class LoadEasyAnimate:
+    DESCRIPTION = (
+        "Loads an EasyAnimate V1/V2/V3 release folder from models/easyanimate (or the demo model shipped with the "
+        "pack): the transformer, the VAE and (on first use) the T5 text encoder. V1: pick the PixArt-alpha base "
+        "and its motion-module file."
+    )
+    CATEGORY = CATEGORY
+    RETURN_TYPES = (MODEL, VAE, T5)
+    RETURN_NAMES = ("model", "vae", "t5")
+    OUTPUT_TOOLTIPS = (
+        "The diffusion transformer with its motion modules.",
+        "The video VAE (slice VAE for V3).",
+        "The release's T5 text encoder, loaded when a prompt is first encoded.",
+    )
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        models = host.list_models() or ["(put EasyAnimate folders in models/easyanimate)"]
+        files = [NONE] + host.list_files(host.MODEL_FOLDER)
+        return {
+            "required": {
+                "model": (models, {"tooltip": "A release folder in models/easyanimate (transformer/, vae/, text_encoder/, "
+                                              "tokenizer/, scheduler/), or the shipped demo model."}),
+                "precision": (PRECISIONS, {"default": "auto", "tooltip": "Weight dtype. auto: what ComfyUI picks for "
+                                           "this GPU (bf16 where supported). fp16 VAEs compute in fp32 to avoid black frames."}),
+            },
+            "optional": {
+                "motion_module": (files, {"default": NONE, "tooltip": "V1 only: the motion-module file "
+                                          "(easyanimate_v1_mm.safetensors) for a PixArt-alpha base folder."}),
+                "personalized": (files, {"default": NONE, "tooltip": "V1 only: a personalized 2-D transformer "
+                                         "checkpoint loaded over the base (e.g. easyanimate_portrait.safetensors)."}),
+            },
+        }
+
+    @classmethod
+    def IS_CHANGED(cls, model, precision, motion_module=NONE, personalized=NONE):
+        try:
+            parts = [_signature(host.resolve_model(model))]
+            parts += [_signature(host.resolve_file(host.MODEL_FOLDER, f)) for f in (motion_module, personalized) if f != NONE]
+            return str(hash(tuple(parts)))
+        except Exception:
+            return float("nan")
+
+    def load(self, model, precision, motion_module=NONE, personalized=NONE):
+        from ..easyanimate.loading import load_transformer
+        from ..easyanimate.vae import load_vae
+
+        root = host.resolve_model(model)
+        dtype = _precision(precision)
+        mm = host.resolve_file(host.MODEL_FOLDER, motion_module) if motion_module != NONE else None
+        pers = host.resolve_file(host.MODEL_FOLDER, personalized) if personalized != NONE else None
+        key = (str(root), dtype, str(mm), str(pers), _signature(root))
+        cached = _LOADED.get(key)
+        if cached is not None:
+            return (cached, *cached.companions)
+
+        ops = host.operations()
+        transformer = load_transformer(root, dtype=dtype, motion_module=mm, personalized=pers, operations=ops)
+        vae = load_vae(root, dtype=dtype, operations=ops)
+        release = root if (root / "transformer").is_dir() else root.parent
+        scheduler = release / "scheduler" if (release / "scheduler" / "scheduler_config.json").is_file() else None
+        clip_dir = release / "image_encoder" if transformer.config.has_clip_projection else None
+        vae_handle = VAEHandle(vae, host.Component.wrap(vae.model, "vae"))
+        t5_handle = T5Handle(TextEncoderSource(release, dtype)) if (release / "text_encoder").is_dir() else None
+        model_handle = ModelHandle(model, transformer.config.family, host.Component.wrap(transformer, "transformer"),
+                                   scheduler, clip_dir if clip_dir is not None and clip_dir.is_dir() else None,
+                                   companions=(vae_handle, t5_handle))
+        _LOADED[key] = model_handle
+        log.info("EasyAnimate: loaded %s (%s, %s); VAE %s", model, transformer.config.family, dtype, vae)
+        return (model_handle, vae_handle, t5_handle)
+
+
+class EasyAnimateLoRALoader:
+    DESCRIPTION = (
+        "Adds one LoRA (EasyAnimate, kohya, PEFT/diffusers or LyCORIS naming) to the model and, for LoRAs that "
+        "carry text-encoder layers, to the T5. Chain several. The loaded weights are never changed: each branch "
+        "of the workflow gets its own patched view."
+    )
+    CATEGORY = CATEGORY
+    RETURN_TYPES = (MODEL, T5)
+    RETURN_NAMES = ("model", "t5")
+    FUNCTION = "apply"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": (MODEL, {"tooltip": "The EasyAnimate model to add the LoRA to."}),
+                "lora_name": (host.list_files("loras") or ["(put LoRA files in models/loras)"],
+                              {"tooltip": "A LoRA file from models/loras."}),
+                "strength_model": ("FLOAT", {"default": 0.55, "min": -10.0, "max": 10.0, "step": 0.05,
+                                             "tooltip": "LoRA strength on the transformer (the reference scripts use 0.55; "
+                                                        "0 = no effect, negative values invert it)."}),
+                "strength_t5": ("FLOAT", {"default": 0.55, "min": -10.0, "max": 10.0, "step": 0.05,
+                                          "tooltip": "Strength on the T5 text encoder, for LoRAs with text-encoder layers."}),
+            },
+            "optional": {
+                "t5": (T5, {"tooltip": "The T5 encoder to add the LoRA's text-encoder layers to."}),
+            },
+        }
+
+    def apply(self, model, lora_name, strength_model, strength_t5, t5=None):
+        from ..easyanimate.lora import TRANSFORMER, read_lora, resolve_lora
+
+        path = host.resolve_file("loras", lora_name)
+        lora = read_lora(path)
+        new_model = model
+        if strength_model != 0:
+            resolved = resolve_lora(lora, model.transformer.module)
+            log.info("EasyAnimate LoRA %s: %s", lora_name, resolved.report.summary())
+            new_model = model.with_transformer(model.transformer.with_lora(resolved, strength_model, TRANSFORMER))
+        new_t5 = t5.with_lora(path, strength_t5) if t5 is not None else None
+        return new_model, new_t5

@@ -1,0 +1,102 @@
+"""The EasyAnimate Sampler node: text-, image- and video-to-video in one node."""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from . import host
+from .handles import MODEL, TEXT_EMBEDS, VAE
+
+log = logging.getLogger(__name__)
+
+
+def images_to_frames(images: torch.Tensor) -> torch.Tensor:
+    """ComfyUI IMAGE (N, H, W, 3) -> the core's (N, 3, H, W) in [0, 1]."""
+    return images[..., :3].permute(0, 3, 1, 2).float()
+
+
+class EasyAnimateSampler:
+    DESCRIPTION = (
+        "Generates video latents. Text-to-video with only the embeddings; image-to-video with a start image (and "
+        "optionally an end image; V3 InP models); video-to-video with an input video and denoise < 1. Decode the "
+        "result with Slice VAE Decode."
+    )
+    CATEGORY = "EasyAnimate"
+    RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("samples",)
+    OUTPUT_TOOLTIPS = ("Video latents (batch, 4, latent frames, height/8, width/8).",)
+    FUNCTION = "sample"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        from ..easyanimate.sampling import SAMPLER_NAMES
+
+        return {
+            "required": {
+                "model": (MODEL, {"tooltip": "From Load EasyAnimate (optionally through LoRA loaders)."}),
+                "embeds": (TEXT_EMBEDS, {"tooltip": "From T5 Encode (EasyAnimate)."}),
+                "vae": (VAE, {"tooltip": "The model's VAE: it encodes start images / input videos and the inpaint mask."}),
+                "width": ("INT", {"default": 672, "min": 16, "max": 2048, "step": 16,
+                                  "tooltip": "Video width in pixels, a multiple of 16 (V1: 32). 512-px models: 672x384; "
+                                             "768: 1008x576; 960: 1280x720."}),
+                "height": ("INT", {"default": 384, "min": 16, "max": 2048, "step": 16,
+                                   "tooltip": "Video height in pixels, a multiple of 16 (V1: 32)."}),
+                "frames": ("INT", {"default": 48, "min": 1, "max": 1024,
+                                   "tooltip": "Number of frames. V3 makes 1 or multiples of 8, V2 1 or multiples of 9; other "
+                                              "counts are rounded down as the reference does (reported in the log)."}),
+                "seed": ("INT", {"default": 43, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
+                                 "tooltip": "Seed of the start noise (and of the VAE's samples)."}),
+                "steps": ("INT", {"default": 25, "min": 1, "max": 1000, "tooltip": "Denoising steps (reference: 25 for V3)."}),
+                "cfg": ("FLOAT", {"default": 7.0, "min": 0.0, "max": 50.0, "step": 0.1,
+                                  "tooltip": "Classifier-free guidance scale; 1 or less turns guidance off (reference: 7)."}),
+                "sampler_name": (list(SAMPLER_NAMES), {"default": "Euler",
+                                                       "tooltip": "Sampler, as in the official nodes (Euler is their default)."}),
+                "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01,
+                                      "tooltip": "1 = from pure noise. Below 1 needs an input video: how much of it is redrawn."}),
+            },
+            "optional": {
+                "start_image": ("IMAGE", {"tooltip": "Image-to-video: the first frame(s) (V3 InP models)."}),
+                "end_image": ("IMAGE", {"tooltip": "Image-to-video: the last frame (needs a start image)."}),
+                "video": ("IMAGE", {"tooltip": "Video-to-video: the input frames (use with denoise < 1)."}),
+                "clip_apply_ratio": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.05,
+                                               "tooltip": "Image-to-video: fraction of the last steps that see the CLIP "
+                                                          "image tokens (reference 0.5)."}),
+            },
+        }
+
+    def sample(self, model, embeds, vae, width, height, frames, seed, steps, cfg, sampler_name, denoise,
+               start_image=None, end_image=None, video=None, clip_apply_ratio=0.5):
+        from ..easyanimate.pipeline import generate
+
+        transformer = model.transformer.module
+        count = vae.vae.rules.round_frames(frames)
+        if count.changed:
+            log.warning("EasyAnimate: %d frames is not a count this model makes; generating %d.", frames, count.frames)
+        video_in = None
+        if video is not None:
+            video_in = images_to_frames(video).transpose(0, 1)[None]
+        starts = images_to_frames(start_image) if start_image is not None else None
+        ends = images_to_frames(end_image[-1:]) if end_image is not None else None
+        image_encoder = None
+        if starts is not None and transformer.config.has_clip_projection:
+            image_encoder = model.image_encoder(dtype=str(transformer.dtype).removeprefix("torch."))
+            if image_encoder is None:
+                log.warning("EasyAnimate: this model folder has no image_encoder/; image-to-video runs without CLIP tokens.")
+
+        progress = host.Progress(steps)
+
+        def on_step(done, total, latents):
+            progress.update(done, total)
+
+        lat_h, lat_w = height // 8, width // 8
+        memory = host.transformer_memory_estimate(transformer, (1, 4, count.latents, lat_h, lat_w), cfg > 1)
+        with model.transformer.placed(memory, others=(vae.component,)):
+            latents = generate(
+                transformer, vae.vae, embeds.positive, embeds.negative,
+                frames=count.frames, height=height, width=width, steps=steps, guidance_scale=cfg,
+                sampler=sampler_name, scheduler_config=model.scheduler_config, seed=seed,
+                start_images=starts, end_images=ends, video=video_in, strength=denoise,
+                image_encoder=image_encoder, clip_apply_ratio=clip_apply_ratio, callback=on_step,
+            )
+        return ({"samples": latents.to(host.intermediate_device(), torch.float32)},)

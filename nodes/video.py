@@ -1,0 +1,110 @@
+"""VAE nodes: decode latents to frames slice by slice, encode frames to latents."""
+from __future__ import annotations
+
+import torch
+
+from . import host
+from .handles import VAE
+from .sampling import images_to_frames
+
+TILING = ["model default", "off", "on"]
+
+
+def _tiling(mode: str, tile_size: int, overlap: float):
+    from ..easyanimate.vae import Tiling
+
+    if mode == "off":
+        return False
+    if mode == "on":
+        return Tiling(tile_size, overlap)
+    return None
+
+
+def _tiling_inputs():
+    return {
+        "tiling": (TILING, {"default": "model default", "tooltip": "Spatial tiling. model default: as the VAE config says "
+                            "(on for V3, 384 px tiles). on: always, with the tile size below (less memory, slightly "
+                            "different pixels at tile borders)."}),
+        "tile_size": ("INT", {"default": 384, "min": 64, "max": 2048, "step": 32,
+                              "tooltip": "Tile size in pixels when tiling is on."}),
+        "tile_overlap": ("FLOAT", {"default": 0.25, "min": 0.0, "max": 0.75, "step": 0.05,
+                                   "tooltip": "Fraction of a tile that overlaps its neighbour (blended)."}),
+    }
+
+
+class EasyAnimateSliceVAEDecode:
+    DESCRIPTION = (
+        "Decodes EasyAnimate latents into frames slice by slice (V3: 2 latents -> 8 frames), writing each slice into "
+        "the output and freeing it before the next, so memory does not grow with the video length. Stops on Cancel."
+    )
+    CATEGORY = "EasyAnimate"
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("frames",)
+    OUTPUT_TOOLTIPS = ("The video as a batch of frames, ready for Create Video / Save Video.",)
+    FUNCTION = "decode"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "vae": (VAE, {"tooltip": "The model's VAE (from Load EasyAnimate)."}),
+                "samples": ("LATENT", {"tooltip": "Latents from the EasyAnimate Sampler."}),
+                **_tiling_inputs(),
+                "smooth": ("BOOLEAN", {"default": False, "tooltip": "The reference's seam-smoothing pass: re-encode and "
+                           "decode the middle frames and average (about 2x the time; needed for pixel parity with the reference)."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
+                                 "tooltip": "Seed of the smoothing pass's sample (used only when smooth is on)."}),
+            },
+        }
+
+    def decode(self, vae, samples, tiling, tile_size, tile_overlap, smooth, seed):
+        latents = samples["samples"]
+        if latents.ndim != 5:
+            raise ValueError(f"EasyAnimate latents are 5-D (batch, channels, frames, height, width); got {tuple(latents.shape)}. "
+                             "Connect the EasyAnimate Sampler's output.")
+        plan = vae.vae.rules.decode_plan(latents.shape[2])
+        progress = host.Progress(len(plan) * (3 if smooth else 1))
+        done = [0]
+
+        def on_slice(_i, _n):
+            done[0] += 1
+            progress.update(done[0])
+
+        with vae.component.placed(host.vae_memory_estimate(latents.shape)):
+            video = vae.vae.decode_video(
+                latents, smooth=smooth, generator=torch.Generator().manual_seed(seed) if smooth else None,
+                tiling=_tiling(tiling, tile_size, tile_overlap), out_device=host.intermediate_device(), progress=on_slice,
+            )
+        # (B, 3, F, H, W) -> IMAGE (B*F, H, W, 3)
+        return (video.permute(0, 2, 3, 4, 1).reshape(-1, *video.shape[-2:], 3).float(),)
+
+
+class EasyAnimateVAEEncode:
+    DESCRIPTION = "Encodes frames into EasyAnimate latents (scaled as the sampler uses them), slice by slice."
+    CATEGORY = "EasyAnimate"
+    RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("samples",)
+    FUNCTION = "encode"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "vae": (VAE, {"tooltip": "The model's VAE."}),
+                "frames": ("IMAGE", {"tooltip": "Frames to encode (a video is a batch of frames)."}),
+                **_tiling_inputs(),
+                "sample": ("BOOLEAN", {"default": False, "tooltip": "Draw a sample of the posterior (as the reference "
+                           "pipelines do) instead of taking its mean."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "tooltip": "Seed of that sample."}),
+            },
+        }
+
+    def encode(self, vae, frames, tiling, tile_size, tile_overlap, sample, seed):
+        video = images_to_frames(frames).transpose(0, 1)[None] * 2 - 1
+        progress = host.Progress(len(vae.vae.rules.encode_plan(video.shape[2])))
+        with vae.component.placed(host.vae_memory_estimate((1, 4, video.shape[2], video.shape[-2] // 8, video.shape[-1] // 8))):
+            latents = vae.vae.encode_latents(
+                video, sample=sample, generator=torch.Generator().manual_seed(seed) if sample else None,
+                tiling=_tiling(tiling, tile_size, tile_overlap), progress=lambda i, n: progress.update(i),
+            )
+        return ({"samples": latents.to(host.intermediate_device(), torch.float32)},)

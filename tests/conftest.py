@@ -16,6 +16,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# Fixtures for node tests (the pack imported as ComfyUI imports it, tiny model folders).
+pytest_plugins = ["pack_fixtures"]
+
 
 def fixtures_dir() -> Path:
     env = os.environ.get("EASYANIMATE_FIXTURES")

@@ -2,14 +2,15 @@
 models folder with tiny weights."""
 import importlib.util
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import ROOT
 from release import make_release
 
+ROOT = Path(__file__).resolve().parent.parent
 PACK = "easyanimate_pack"
 
 

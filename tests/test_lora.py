@@ -6,7 +6,6 @@ All LoRAs here are written in tmp_path from one set of random factors for a tiny
 import copy
 import json
 import re
-import warnings
 
 import pytest
 import torch

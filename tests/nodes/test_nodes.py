@@ -2,8 +2,6 @@
 import pytest
 import torch
 
-from pack_fixtures import models_dir, pack, standalone  # noqa: F401  (fixtures)
-
 
 def nodes(pack):
     return pack.nodes.NODE_CLASS_MAPPINGS

@@ -82,12 +82,13 @@ class Component:
         if not comfy:
             return cls(module, kind)
         mm, model_patcher = comfy[0], comfy[1]
+        patched = module if _device_is_settable(module) else _Holder(module)
         load, offload = {
             "transformer": (mm.get_torch_device(), mm.unet_offload_device()),
             "vae": (mm.vae_device(), mm.vae_offload_device()),
             "text_encoder": (mm.text_encoder_device(), mm.text_encoder_offload_device()),
         }[kind]
-        return cls(module, kind, model_patcher.ModelPatcher(module, load_device=load, offload_device=offload))
+        return cls(module, kind, model_patcher.ModelPatcher(patched, load_device=load, offload_device=offload))
 
     def with_lora(self, resolved, strength: float, part: str) -> "Component":
         if strength == 0:
@@ -120,6 +121,19 @@ class Component:
                 if component.loras:
                     stack.enter_context(lora_patches(component.module, component.loras))
             yield self.module
+
+
+def _device_is_settable(module: torch.nn.Module) -> bool:
+    """ModelPatcher records the placement in `module.device`; transformers' models make that a read-only property."""
+    return not isinstance(getattr(type(module), "device", None), property)
+
+
+class _Holder(torch.nn.Module):
+    """A plain container so ModelPatcher can manage a module whose `device` is a property (its keys gain `model.`)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
 
 
 def transformer_memory_estimate(transformer, latent_shape, cfg: bool) -> int:

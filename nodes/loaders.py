@@ -142,14 +142,21 @@ class EasyAnimateLoRALoader:
         }
 
     def apply(self, model, lora_name, strength_model, strength_t5, t5=None):
-        from ..easyanimate.lora import TRANSFORMER, read_lora, resolve_lora
+        from ..easyanimate.lora import TRANSFORMER, LoRAError, read_lora, resolve_lora
 
         path = host.resolve_file("loras", lora_name)
         lora = read_lora(path)
-        new_model = model
-        if strength_model != 0:
+        try:
             resolved = resolve_lora(lora, model.transformer.module)
+        except LoRAError:
+            if t5 is None:
+                raise
+            resolved = None  # a LoRA of the text encoder only: checked against the T5 when it is loaded
+            log.info("EasyAnimate LoRA %s: no transformer layers; it adapts the text encoder only.", lora_name)
+        new_model = model
+        if resolved is not None:
             log.info("EasyAnimate LoRA %s: %s", lora_name, resolved.report.summary())
             new_model = model.with_transformer(model.transformer.with_lora(resolved, strength_model, TRANSFORMER))
-        new_t5 = t5.with_lora(path, strength_t5) if t5 is not None else None
+        has_text_layers = resolved is None or bool(resolved.report.skipped_text_encoder)
+        new_t5 = t5.with_lora(path, strength_t5) if t5 is not None and has_text_layers else t5
         return new_model, new_t5

@@ -52,12 +52,12 @@ class EasyAnimateSliceVAEDecode:
                 **_tiling_inputs(),
                 "smooth": ("BOOLEAN", {"default": False, "tooltip": "The reference's seam-smoothing pass: re-encode and "
                            "decode the middle frames and average (about 2x the time; needed for pixel parity with the reference)."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
-                                 "tooltip": "Seed of the smoothing pass's sample (used only when smooth is on)."}),
+                "smooth_seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
+                                        "tooltip": "Seed of the smoothing pass's sample (used only when smooth is on)."}),
             },
         }
 
-    def decode(self, vae, samples, tiling, tile_size, tile_overlap, smooth, seed):
+    def decode(self, vae, samples, tiling, tile_size, tile_overlap, smooth, smooth_seed):
         latents = samples["samples"]
         if latents.ndim != 5:
             raise ValueError(f"EasyAnimate latents are 5-D (batch, channels, frames, height, width); got {tuple(latents.shape)}. "
@@ -72,7 +72,7 @@ class EasyAnimateSliceVAEDecode:
 
         with vae.component.placed(host.vae_memory_estimate(latents.shape)):
             video = vae.vae.decode_video(
-                latents, smooth=smooth, generator=torch.Generator().manual_seed(seed) if smooth else None,
+                latents, smooth=smooth, generator=torch.Generator().manual_seed(smooth_seed) if smooth else None,
                 tiling=_tiling(tiling, tile_size, tile_overlap), out_device=host.intermediate_device(), progress=on_slice,
             )
         # (B, 3, F, H, W) -> IMAGE (B*F, H, W, 3)
@@ -95,16 +95,16 @@ class EasyAnimateVAEEncode:
                 **_tiling_inputs(),
                 "sample": ("BOOLEAN", {"default": False, "tooltip": "Draw a sample of the posterior (as the reference "
                            "pipelines do) instead of taking its mean."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "tooltip": "Seed of that sample."}),
+                "sample_seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "tooltip": "Seed of that sample."}),
             },
         }
 
-    def encode(self, vae, frames, tiling, tile_size, tile_overlap, sample, seed):
+    def encode(self, vae, frames, tiling, tile_size, tile_overlap, sample, sample_seed):
         video = images_to_frames(frames).transpose(0, 1)[None] * 2 - 1
         progress = host.Progress(len(vae.vae.rules.encode_plan(video.shape[2])))
         with vae.component.placed(host.vae_memory_estimate((1, 4, video.shape[2], video.shape[-2] // 8, video.shape[-1] // 8))):
             latents = vae.vae.encode_latents(
-                video, sample=sample, generator=torch.Generator().manual_seed(seed) if sample else None,
+                video, sample=sample, generator=torch.Generator().manual_seed(sample_seed) if sample else None,
                 tiling=_tiling(tiling, tile_size, tile_overlap), progress=lambda i, n: progress.update(i),
             )
         return ({"samples": latents.to(host.intermediate_device(), torch.float32)},)

@@ -100,3 +100,39 @@ def make_release(root: Path, family: str = "v3", seed: int = 0) -> Path:
     (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER))
     (root / "model_index.json").write_text(json.dumps({"_class_name": "PixArtAlphaPipeline"}))
     return root
+
+
+TINY_KL = {"block_out_channels": [8, 16, 32, 32], "norm_num_groups": 4}
+
+
+def make_v1_release(root: Path, motion_module_file: Path, seed: int = 0) -> Path:
+    """A tiny V1 layout: a PixArt-alpha folder (2-D transformer config and weights, SD VAE, T5) in `root`
+    and the motion-module file (every `attn_temporal` tensor) at `motion_module_file`."""
+    from easyanimate.models.transformer import family_preset
+    from easyanimate.vae import build_vae
+
+    root.mkdir(parents=True, exist_ok=True)
+    # The motion-module settings of a V1 base come from the V1 preset, so the tiny model uses them too.
+    motion = family_preset("v1")["motion_module_kwargs"]
+    model = random_model("v1", seed=seed, num_layers=2, caption_channels=TINY_T5["d_model"], motion_module_kwargs=motion)
+    state = full_state_dict(model)
+    config = {k: v for k, v in tiny_config_dict("v1", num_layers=2, caption_channels=TINY_T5["d_model"]).items()
+              if not k.startswith(("motion_module", "basic_block", "enable_uvit"))}
+    config["_class_name"] = "Transformer2DModel"
+    transformer = root / "transformer"
+    transformer.mkdir()
+    (transformer / "config.json").write_text(json.dumps(config))
+    save_file({k: v for k, v in state.items() if ".attn_temporal." not in k},
+              str(transformer / "diffusion_pytorch_model.safetensors"))
+    motion_module_file.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v for k, v in state.items() if ".attn_temporal." in k}, str(motion_module_file))
+    torch.manual_seed(seed)
+    vae = build_vae("v1", TINY_KL)
+    (root / "vae").mkdir()
+    (root / "vae" / "config.json").write_text(json.dumps(vae.config))
+    save_file({k: v.contiguous() for k, v in vae.model.state_dict().items()}, str(root / "vae" / "diffusion_pytorch_model.safetensors"))
+    write_text_encoder(root / "text_encoder", seed)
+    write_tokenizer(root / "tokenizer")
+    (root / "scheduler").mkdir()
+    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER))
+    return root

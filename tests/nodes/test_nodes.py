@@ -23,7 +23,7 @@ def sample(pack, model, embeds, vae, **kw):
 
 
 def decode(pack, vae, latent, **kw):
-    options = {**dict(tiling="model default", tile_size=384, tile_overlap=0.25, smooth=False, seed=0), **kw}
+    options = {**dict(tiling="model default", tile_size=384, tile_overlap=0.25, smooth=False, smooth_seed=0), **kw}
     return nodes(pack)["EasyAnimateSliceVAEDecode"]().decode(vae, latent, **options)[0]
 
 
@@ -72,11 +72,11 @@ def test_encode_node_and_smoothing_decode(standalone):
     frames = torch.rand(16, 32, 32, 3)
     latent = nodes(standalone)["EasyAnimateVAEEncode"]().encode(vae, frames, "off", 384, 0.25, False, 0)[0]
     assert latent["samples"].shape == (1, 4, 4, 4, 4)
-    smooth = decode(standalone, vae, latent, smooth=True, seed=5)
+    smooth = decode(standalone, vae, latent, smooth=True, smooth_seed=5)
     plain = decode(standalone, vae, latent)
     assert smooth.shape == plain.shape == (16, 32, 32, 3)
     assert not torch.equal(smooth, plain)
-    torch.testing.assert_close(decode(standalone, vae, latent, smooth=True, seed=5), smooth, rtol=0, atol=0)
+    torch.testing.assert_close(decode(standalone, vae, latent, smooth=True, smooth_seed=5), smooth, rtol=0, atol=0)
 
 
 def lora(pack, model, t5, name, strength):

@@ -1,0 +1,155 @@
+"""Every shipped API workflow in a real ComfyUI server on the CPU, with tiny models swapped in.
+
+Runs when `COMFYUI_DIR` names a ComfyUI checkout (and `COMFYUI_PYTHON` an interpreter with its
+requirements, default: the current one); skipped with the reason printed otherwise. The server gets a
+fresh base directory with the pack linked into custom_nodes/, tiny models in the release layout under
+models/easyanimate and models/loras, an input image and an input video (made by ComfyUI itself), then
+each workflow is queued through `/prompt` and the saved video is opened and measured.
+"""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import ROOT
+from pack_fixtures import write_lora
+from release import make_release, make_v1_release
+
+COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
+pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason="COMFYUI_DIR is not set: no real ComfyUI to run the workflows in")
+
+SIZE, FRAMES, STEPS = 32, 8, 2
+# The test host's launcher (beside the project) works around a CPU-only torch without torchvision.
+LAUNCHER = ROOT.parent / "shared" / "comfyhost" / "launch_comfy.py"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def request(url, data=None):
+    body = json.dumps(data).encode() if data is not None else None
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"} if body else {})
+    with urllib.request.urlopen(req, timeout=30) as response:
+        return json.loads(response.read() or b"null")
+
+
+def run_prompt(url, graph, timeout=600) -> dict:
+    prompt_id = request(f"{url}/prompt", {"prompt": graph})["prompt_id"]
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        history = request(f"{url}/history/{prompt_id}")
+        if prompt_id in history and history[prompt_id].get("status", {}).get("completed") is not None:
+            entry = history[prompt_id]
+            if entry["status"].get("status_str") != "success" or not entry.get("outputs"):
+                messages = entry["status"].get("messages", [])
+                raise AssertionError(f"prompt failed: {json.dumps(messages)[:2000]}")
+            return entry
+        time.sleep(0.5)
+    raise AssertionError("prompt did not finish in time")
+
+
+def png_bytes(width, height):
+    import struct
+    import zlib
+
+    rows = b"".join(b"\x00" + bytes(v for x in range(width) for v in ((x * 5) % 256, (y * 6) % 256, 128))
+                    for y in range(height))
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    base = tmp_path_factory.mktemp("comfy")
+    for sub in ("custom_nodes", "models/easyanimate", "models/loras", "input", "output"):
+        (base / sub).mkdir(parents=True, exist_ok=True)
+    (base / "custom_nodes" / "easyanimate_pack").symlink_to(ROOT, target_is_directory=True)
+    models = base / "models"
+    release = make_release(models / "easyanimate" / "EasyAnimateV3-tiny", "v3")
+    make_v1_release(models / "easyanimate" / "PixArt-tiny", models / "easyanimate" / "mm-tiny.safetensors")
+    write_lora(models / "loras" / "style_a.safetensors",
+               load_file(str(release / "transformer" / "diffusion_pytorch_model.safetensors")), seed=1)
+    (base / "input" / "example.png").write_bytes(png_bytes(48, 40))
+
+    port = free_port()
+    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
+    main = str(Path(COMFYUI_DIR) / "main.py")
+    command = [python, str(LAUNCHER), main] if LAUNCHER.is_file() else [python, main]
+    command += ["--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory", str(base),
+                "--disable-auto-launch"]
+    env = dict(os.environ, COMFYHOST_TV_SHIM="1")
+    log = open(base / "server.log", "w")
+    process = subprocess.Popen(command, cwd=COMFYUI_DIR, stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):
+            try:
+                request(f"{url}/object_info/LoadEasyAnimate")
+                break
+            except Exception:
+                if process.poll() is not None:
+                    raise AssertionError((base / "server.log").read_text()[-3000:])
+                time.sleep(0.5)
+        else:
+            raise AssertionError("ComfyUI did not start: " + (base / "server.log").read_text()[-3000:])
+        # An input video for video-to-video, made by ComfyUI's own nodes.
+        entry = run_prompt(url, {
+            "1": {"class_type": "EmptyImage", "inputs": {"width": 48, "height": 40, "batch_size": FRAMES, "color": 3355647}},
+            "2": {"class_type": "CreateVideo", "inputs": {"images": ["1", 0], "fps": 8.0}},
+            "3": {"class_type": "SaveVideo", "inputs": {"video": ["2", 0], "filename_prefix": "input_video",
+                                                        "format": "mp4", "codec": "h264"}},
+        })
+        made = entry["outputs"]["3"]["images"][0]
+        shutil.copy(base / "output" / made["subfolder"] / made["filename"], base / "input" / "input_video.mp4")
+        yield url, base, python
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def tiny(graph: dict) -> dict:
+    """The workflow with the tiny models and small sizes swapped in."""
+    for node in graph.values():
+        inputs, kind = node["inputs"], node["class_type"]
+        if kind == "LoadEasyAnimate":
+            v1 = inputs.get("motion_module", "none") != "none"
+            inputs.update(model="PixArt-tiny" if v1 else "EasyAnimateV3-tiny", precision="fp32")
+            if v1:
+                inputs["motion_module"] = "mm-tiny.safetensors"
+        elif kind == "EasyAnimateLoRALoader":
+            inputs["lora_name"] = "style_a.safetensors"
+        elif kind == "EasyAnimateSampler":
+            inputs.update(width=SIZE, height=SIZE, frames=FRAMES, steps=STEPS)
+    return graph
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "workflows" / "api").glob("*.json")), ids=lambda p: p.name)
+def test_shipped_workflow_runs_in_comfyui(server, path):
+    url, base, python = server
+    entry = run_prompt(url, tiny(json.loads(path.read_text())))
+    saved = [item for output in entry["outputs"].values() for item in output.get("images", [])]
+    assert saved, f"{path.name}: no output file"
+    video = base / "output" / saved[0]["subfolder"] / saved[0]["filename"]
+    probe = subprocess.run([python, "-c", (
+        "import av, sys, numpy as np\n"
+        "c = av.open(sys.argv[1]); frames = [f.to_ndarray(format='rgb24') for f in c.decode(video=0)]\n"
+        "print(len(frames), frames[0].shape[0], frames[0].shape[1], float(np.std(np.stack(frames))))"
+    ), str(video)], capture_output=True, text=True, check=True)
+    count, height, width, spread = probe.stdout.split()
+    assert (int(count), int(height), int(width)) == (FRAMES, SIZE, SIZE), probe.stdout
+    assert float(spread) > 0  # not a blank video

@@ -83,16 +83,33 @@ class EasyAnimateT5Encode:
 
 
 def _encode_with_native_clip(clip, prompt, negative_prompt, clean_caption):
-    """Run our T5 encode (120 tokens, mask, cleaning) on the T5 weights inside ComfyUI's CLIP object.
+    """Our T5 conditioning (cleaned prompts, 120 tokens, attention mask) computed by ComfyUI's own T5.
 
-    The weights are shared, not copied: the HF T5 module is assembled from the very Parameter objects of
-    ComfyUI's T5, so ComfyUI's placement and CLIP LoRAs apply to it. The tokenizer is ComfyUI's own T5
-    tokenizer (sentencepiece model shipped with ComfyUI).
+    ComfyUI's CLIP object from a T5-XXL file (Load CLIP, type sd3 or pixart) holds the encoder as
+    `cond_stage_model.t5xxl.transformer` and its tokenizer as `tokenizer.t5xxl.tokenizer` (a fast T5
+    tokenizer). We tokenize as the reference does and run that encoder with the mask, so ComfyUI keeps
+    placing, casting (fp8 files included) and LoRA-patching the weights; nothing is copied.
     """
-    from ..easyanimate.text import encoder_from_native_t5
+    import torch
 
-    encoder = encoder_from_native_t5(clip)
     import comfy.model_management
 
+    from ..easyanimate.text import DEFAULT_MAX_LENGTH, TextEmbeddings, preprocess_prompt
+
+    t5 = getattr(getattr(clip, "cond_stage_model", None), "t5xxl", None)
+    tokenizer = getattr(getattr(getattr(clip, "tokenizer", None), "t5xxl", None), "tokenizer", None)
+    if t5 is None or tokenizer is None:
+        raise ValueError(
+            "This CLIP holds no T5-XXL encoder. Load t5xxl_fp16.safetensors (or the fp8 file) with Load CLIP, "
+            "type sd3 or pixart, or connect the t5 output of Load EasyAnimate."
+        )
+    texts = [preprocess_prompt(text, clean_caption) for text in (prompt, negative_prompt)]
+    tokens = tokenizer(texts, padding="max_length", max_length=DEFAULT_MAX_LENGTH, truncation=True,
+                       add_special_tokens=True, return_tensors="pt")
     comfy.model_management.load_models_gpu([clip.patcher])
-    return encoder.encode([prompt], [negative_prompt], clean_caption=clean_caption)
+    device = clip.patcher.load_device
+    mask = tokens["attention_mask"].to(torch.long)
+    with torch.no_grad():
+        hidden, _ = t5.transformer(tokens["input_ids"].to(device), attention_mask=mask.to(device))
+    hidden = hidden.float().cpu()
+    return TextEmbeddings(hidden[:1], mask[:1], hidden[1:], mask[1:])

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from .checkpoint import assign_tensors, describe_keys, file_key_shapes, iter_file, meta_tensors, parse_dtype, weight_files
 from .errors import CheckpointMismatchError, EasyAnimateError, LayoutError, UnsupportedModelError
@@ -364,6 +365,24 @@ class VideoVAE:
         posterior = self.encode(video, tiling=tiling, memory_budget=memory_budget, progress=progress)
         latents = self._sample(posterior, video.shape[2], generator, noise) if sample else posterior.mode()
         return latents * self.scaling_factor
+
+    @torch.no_grad()
+    def latent_rgb_factors(self, images: int = 4, size: int = 64, cell: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+        """A linear map from (scaled) latent channels to RGB in [-1, 1], for cheap previews while sampling.
+
+        Fitted by least squares, latent pixel against the mean colour of the pixels it covers, on frames of
+        random colour patches, so it follows whatever VAE is loaded (the released VAEs ship no such table).
+        Returns (factors (C, 3), bias (3,)), float32 on the CPU.
+        """
+        generator = torch.Generator().manual_seed(0)
+        patches = torch.rand(images, 3, 1, size // cell, size // cell, generator=generator) * 2 - 1
+        frames = patches.repeat_interleave(cell, dim=-2).repeat_interleave(cell, dim=-1)
+        latents = self.encode_latents(frames.to(self.device), sample=False).float().cpu()
+        colour = F.avg_pool2d(frames[:, :, 0], self.spatial_factor)  # the colour each latent pixel covers
+        x = latents[:, :, 0].permute(0, 2, 3, 1).reshape(-1, latents.shape[1])
+        y = colour.permute(0, 2, 3, 1).reshape(-1, 3)
+        solution = torch.linalg.lstsq(torch.cat([x, torch.ones(len(x), 1)], dim=1), y).solution
+        return solution[:-1], solution[-1]
 
     # ------------------------------------------------------------------ decode
     @torch.no_grad()

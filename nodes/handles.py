@@ -50,6 +50,7 @@ class VAEHandle:
 
     vae: object
     component: Component
+    preview_cache: dict = field(default_factory=dict, compare=False, repr=False)  # latent->RGB preview factors
 
 
 class TextEncoderSource:

@@ -171,6 +171,26 @@ class Progress:
             self.bar.update_absolute(done, total or self.total, preview)
 
 
+def latent_previewer(vae_handle):
+    """ComfyUI's latent->RGB previewer with factors fitted to this VAE, when the user has previews on."""
+    comfy = comfy_modules()
+    if not comfy:
+        return None
+    try:
+        import latent_preview
+        from comfy.cli_args import LatentPreviewMethod, args
+    except Exception:
+        return None
+    if args.preview_method == LatentPreviewMethod.NoPreviews:
+        return None
+    cache = vae_handle.preview_cache
+    if "factors" not in cache:
+        with vae_handle.component.placed():
+            cache["factors"] = vae_handle.vae.latent_rgb_factors()
+    factors, bias = cache["factors"]
+    return latent_preview.Latent2RGBPreviewer(factors.tolist(), bias.tolist())
+
+
 # ------------------------------------------------------------------------------------------ files
 def register_model_folders() -> None:
     """Make `models/easyanimate` a model folder (merging into any user configuration)."""

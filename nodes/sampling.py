@@ -85,9 +85,14 @@ class EasyAnimateSampler:
                 log.warning("EasyAnimate: this model folder has no image_encoder/; image-to-video runs without CLIP tokens.")
 
         progress = host.Progress(steps)
+        previewer = host.latent_previewer(vae)
 
         def on_step(done, total, latents):
-            progress.update(done, total)
+            preview = None
+            if previewer is not None:  # the middle latent frame, as ComfyUI's own previews show one image
+                middle = latents.shape[2] // 2
+                preview = previewer.decode_latent_to_preview_image("JPEG", latents[:, :, middle:middle + 1].float())
+            progress.update(done, total, preview)
 
         lat_h, lat_w = height // 8, width // 8
         memory = host.transformer_memory_estimate(transformer, (1, 4, count.latents, lat_h, lat_w), cfg > 1)

@@ -237,3 +237,11 @@ def test_long_video_has_the_requested_length_and_crossfades(v3):
     assert video.shape == (1, 3, 12, 16, 32)
     again = generate_long(model, vae, text(model), text(model, 1), start_images=torch.rand(1, 3, 16, 32), **kw)
     assert video.shape == again.shape
+
+
+def test_preview_factors_are_fitted_deterministically(v3):
+    _, vae = v3
+    factors, bias = vae.latent_rgb_factors()
+    assert factors.shape == (vae.latent_channels, 3) and bias.shape == (3,)
+    again = vae.latent_rgb_factors()
+    assert torch.equal(factors, again[0]) and torch.equal(bias, again[1])

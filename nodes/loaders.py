@@ -154,7 +154,7 @@ class EasyAnimateLoRALoader:
             resolved = None  # a LoRA of the text encoder only: checked against the T5 when it is loaded
             log.info("EasyAnimate LoRA %s: no transformer layers; it adapts the text encoder only.", lora_name)
         new_model = model
-        if resolved is not None:
+        if resolved is not None and strength_model != 0:
             log.info("EasyAnimate LoRA %s: %s", lora_name, resolved.report.summary())
             new_model = model.with_transformer(model.transformer.with_lora(resolved, strength_model, TRANSFORMER))
         has_text_layers = resolved is None or bool(resolved.report.skipped_text_encoder)

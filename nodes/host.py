@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 MODEL_FOLDER = "easyanimate"  # models/easyanimate: release folders and single files
-MODELS_DIR_ENV = "EASYANIMATE_MODELS_DIR"  # standalone: where model names are looked up
+# Standalone: a models folder laid out like ComfyUI's (easyanimate/, loras/, text_encoders/).
+MODELS_DIR_ENV = "EASYANIMATE_MODELS_DIR"
 
 
 def comfy_modules():
@@ -203,13 +204,17 @@ def register_model_folders() -> None:
     extensions.update(folder_paths.supported_pt_extensions)
 
 
+def _standalone_folders(kind: str) -> list[Path]:
+    env = os.environ.get(MODELS_DIR_ENV)
+    return [Path(p) / kind for p in env.split(os.pathsep)] if env else []
+
+
 def model_roots() -> list[Path]:
     comfy = comfy_modules()
     if comfy:
         register_model_folders()
         return [Path(p) for p in comfy[4].get_folder_paths(MODEL_FOLDER)]
-    env = os.environ.get(MODELS_DIR_ENV)
-    return [Path(p) for p in env.split(os.pathsep)] if env else []
+    return _standalone_folders(MODEL_FOLDER)
 
 
 def list_models() -> list[str]:
@@ -233,8 +238,7 @@ def list_files(kind: str) -> list[str]:
             register_model_folders()
         return list(comfy[4].get_filename_list(kind))
     names = []
-    for root in model_roots():
-        folder = root if kind == MODEL_FOLDER else root / kind
+    for folder in _standalone_folders(kind):
         if folder.is_dir():
             names += [str(p.relative_to(folder)).replace(os.sep, "/") for p in folder.rglob("*")
                       if p.suffix in (".safetensors", ".sft", ".pt", ".pth", ".bin", ".ckpt")]
@@ -264,8 +268,7 @@ def resolve_file(kind: str, name: str) -> Path:
     comfy = comfy_modules()
     if comfy:
         return Path(comfy[4].get_full_path_or_raise(kind, name))
-    for root in model_roots():
-        folder = root if kind == MODEL_FOLDER else root / kind
+    for folder in _standalone_folders(kind):
         if (folder / name).is_file():
             return folder / name
     raise FileNotFoundError(f"'{name}' not found in the {kind} folders.")

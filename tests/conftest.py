@@ -16,6 +16,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# The tests run tiny models: one thread is faster than two there, and it keeps the suite fast when the
+# machine is busy (two spinning OpenMP threads on two shared cores slow tiny ops by an order of magnitude).
+torch.set_num_threads(1)
+
 # Fixtures for node tests (the pack imported as ComfyUI imports it, tiny model folders).
 pytest_plugins = ["pack_fixtures"]
 

@@ -41,8 +41,8 @@ def write_lora(path, transformer_state: dict, seed: int, layers=("attn1.to_q", "
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
-    release = make_release(root / "EasyAnimateV3-tiny", "v3")
-    make_release(root / "EasyAnimateV2-tiny", "v2")
+    release = make_release(root / "easyanimate" / "EasyAnimateV3-tiny", "v3")
+    make_release(root / "easyanimate" / "EasyAnimateV2-tiny", "v2")
     from safetensors.torch import load_file
 
     state = load_file(str(release / "transformer" / "diffusion_pytorch_model.safetensors"))

@@ -153,3 +153,33 @@ def test_shipped_workflow_runs_in_comfyui(server, path):
     count, height, width, spread = probe.stdout.split()
     assert (int(count), int(height), int(width)) == (FRAMES, SIZE, SIZE), probe.stdout
     assert float(spread) > 0  # not a blank video
+
+
+def test_lora_through_comfyui_patches_equals_the_standalone_path(server, pack, monkeypatch):
+    """The same LoRA applied by ComfyUI's ModelPatcher (key map from our resolver) and by our standalone
+    patches gives the same latents."""
+    url, base, _ = server
+    graph = {
+        "1": {"class_type": "LoadEasyAnimate", "inputs": {"model": "EasyAnimateV3-tiny", "precision": "fp32"}},
+        "9": {"class_type": "EasyAnimateLoRALoader", "inputs": {"model": ["1", 0], "t5": ["1", 2], "lora_name": "style_a.safetensors",
+                                                                "strength_model": 0.8, "strength_t5": 0.0}},
+        "2": {"class_type": "EasyAnimateT5Encode", "inputs": {"t5": ["9", 1], "prompt": "a red circle", "negative_prompt": "blurry",
+                                                              "clean_caption": True}},
+        "3": {"class_type": "EasyAnimateSampler", "inputs": {"model": ["9", 0], "embeds": ["2", 0], "vae": ["1", 1], "width": SIZE,
+                                                             "height": SIZE, "frames": FRAMES, "seed": 5, "steps": STEPS, "cfg": 6.0,
+                                                             "sampler_name": "Euler", "denoise": 1.0}},
+        "4": {"class_type": "SaveLatent", "inputs": {"samples": ["3", 0], "filename_prefix": "latents/lora"}},
+    }
+    entry = run_prompt(url, graph)
+    item = entry["outputs"]["4"]["latents"][0]
+    comfy_latents = load_file(str(base / "output" / item["subfolder"] / item["filename"]))["latent_tensor"]
+
+    monkeypatch.setenv("EASYANIMATE_MODELS_DIR", str(base / "models"))
+    nodes = pack.nodes.NODE_CLASS_MAPPINGS
+    model, vae, t5 = nodes["LoadEasyAnimate"]().load("EasyAnimateV3-tiny", "fp32")
+    model, t5 = nodes["EasyAnimateLoRALoader"]().apply(model, "style_a.safetensors", 0.8, 0.0, t5=t5)
+    embeds = nodes["EasyAnimateT5Encode"]().encode("a red circle", "blurry", True, t5=t5)[0]
+    ours = nodes["EasyAnimateSampler"]().sample(model, embeds, vae, SIZE, SIZE, FRAMES, 5, STEPS, 6.0, "Euler", 1.0)[0]["samples"]
+    err = ((ours - comfy_latents).abs().max() / comfy_latents.abs().max()).item()
+    print(f"LoRA latents, ComfyUI patches vs standalone: rel error {err:.2e}")
+    assert err < 1e-4

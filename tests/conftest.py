@@ -77,3 +77,23 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(str(path))
+
+
+# The reference transformer's argument names (as the fixtures record its call) -> ours.
+_TRANSFORMER_ARGUMENTS = {
+    "hidden_states": "x",
+    "timestep": "timestep",
+    "encoder_hidden_states": "encoder_hidden_states",
+    "encoder_attention_mask": "encoder_attention_mask",
+    "inpaint_latents": "inpaint_latents",
+    "clip_encoder_hidden_states": "clip_encoder_hidden_states",
+    "clip_attention_mask": "clip_attention_mask",
+}
+
+
+def transformer_inputs(io: dict) -> dict:
+    """Keyword arguments for our transformer from a fixture's `input.*` tensors; unknown inputs fail."""
+    inputs = {k.removeprefix("input."): v for k, v in io.items() if k.startswith("input.")}
+    unknown = set(inputs) - set(_TRANSFORMER_ARGUMENTS)
+    assert not unknown, f"fixture inputs the tests do not know how to pass: {unknown}"
+    return {_TRANSFORMER_ARGUMENTS[k]: v for k, v in inputs.items()}

@@ -9,19 +9,10 @@ import json
 import pytest
 import torch
 
-from conftest import fixture_cases, fixtures_dir, load_tensors, rel_error, rel_tolerance
+from conftest import fixture_cases, fixtures_dir, load_tensors, rel_error, rel_tolerance, transformer_inputs
 from easyanimate.loading import load_transformer
 from easyanimate.lora import lora_patches, read_lora, resolve_lora
 
-_ARGUMENTS = {
-    "hidden_states": "x",
-    "timestep": "timestep",
-    "encoder_hidden_states": "encoder_hidden_states",
-    "encoder_attention_mask": "encoder_attention_mask",
-    "inpaint_latents": "inpaint_latents",
-    "clip_encoder_hidden_states": "clip_encoder_hidden_states",
-    "clip_attention_mask": "clip_attention_mask",
-}
 # Which outputs the LoRA is applied for. Merged and run-time differ only by float rounding in the
 # reference, so each mode is held to both.
 _WITH_LORA = ("output.sample_merged", "output.sample_runtime_lora")
@@ -58,10 +49,7 @@ def test_lora_matches_reference(case, mode):
         assert report.applied == {"transformer": expected_layers}
 
     io = load_tensors(folder / "io.safetensors")
-    inputs = {k.removeprefix("input."): v for k, v in io.items() if k.startswith("input.")}
-    unknown = set(inputs) - set(_ARGUMENTS)
-    assert not unknown, f"fixture inputs this test does not know how to pass: {unknown}"
-    kwargs = {_ARGUMENTS[k]: v for k, v in inputs.items()}
+    kwargs = transformer_inputs(io)
     outputs = {k: v for k, v in io.items() if k.startswith("output.")}
     unknown = set(outputs) - set(_WITH_LORA) - set(_WITHOUT_LORA)
     assert not unknown, f"{case}: outputs this test does not know how to produce: {unknown}"

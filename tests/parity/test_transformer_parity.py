@@ -4,19 +4,9 @@ import json
 import pytest
 import torch
 
-from conftest import fixture_cases, fixtures_dir, load_tensors, rel_error, rel_tolerance
+from conftest import fixture_cases, fixtures_dir, load_tensors, rel_error, rel_tolerance, transformer_inputs
 from easyanimate.loading import load_transformer
 
-# Reference argument names -> ours (the fixtures record the reference's call).
-_ARGUMENTS = {
-    "hidden_states": "x",
-    "timestep": "timestep",
-    "encoder_hidden_states": "encoder_hidden_states",
-    "encoder_attention_mask": "encoder_attention_mask",
-    "inpaint_latents": "inpaint_latents",
-    "clip_encoder_hidden_states": "clip_encoder_hidden_states",
-    "clip_attention_mask": "clip_attention_mask",
-}
 
 
 @pytest.mark.parametrize("case", fixture_cases("transformer"))
@@ -28,10 +18,7 @@ def test_transformer_matches_reference(case):
         assert model.config.family == expected_family
 
     io = load_tensors(folder / "io.safetensors")
-    inputs = {k.removeprefix("input."): v for k, v in io.items() if k.startswith("input.")}
-    unknown = set(inputs) - set(_ARGUMENTS)
-    assert not unknown, f"fixture inputs this test does not know how to pass: {unknown}"
-    kwargs = {_ARGUMENTS[k]: v for k, v in inputs.items()}
+    kwargs = transformer_inputs(io)
     with torch.no_grad():
         out = model(**kwargs)
 

@@ -92,7 +92,8 @@ def _refuse_later_families(config: dict, root: Path | None) -> None:
 def _strip_prefix(keys) -> str:
     """The prefix in front of the model's own key names ('' when none)."""
     keys = list(keys)
-    if any(k == _SIGNATURE or k.endswith(".attn_temporal.temporal_transformer.proj_in.weight") and k.startswith("transformer_blocks.") for k in keys):
+    unprefixed_motion = (k.startswith("transformer_blocks.") and ".attn_temporal." in k for k in keys)
+    if _SIGNATURE in keys or any(unprefixed_motion):
         return ""
     for prefix in _PREFIXES:
         if any(k.startswith(prefix) and k[len(prefix):].startswith(("adaln_single.", "transformer_blocks.")) for k in keys):

@@ -120,7 +120,8 @@ class Component:
             for component in components:
                 component.module.to(device)
                 if component.loras:
-                    stack.enter_context(lora_patches(component.module, component.loras))
+                    # On the fly: no copy of the adapted weights is made (ComfyUI patches in place instead).
+                    stack.enter_context(lora_patches(component.module, component.loras, mode="hooks"))
             yield self.module
 
 

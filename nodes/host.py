@@ -232,17 +232,25 @@ def list_models() -> list[str]:
 
 
 def list_files(kind: str) -> list[str]:
-    """Files of a ComfyUI model folder kind ("loras", "easyanimate", "text_encoders")."""
+    """Files of a ComfyUI model folder kind ("loras", "easyanimate", "text_encoders").
+
+    For models/easyanimate, the files inside release folders (their transformer/, vae/, ...) are left out:
+    the single files there are motion modules and personalized checkpoints.
+    """
     comfy = comfy_modules()
     if comfy:
         if kind == MODEL_FOLDER:
             register_model_folders()
-        return list(comfy[4].get_filename_list(kind))
-    names = []
-    for folder in _standalone_folders(kind):
-        if folder.is_dir():
-            names += [str(p.relative_to(folder)).replace(os.sep, "/") for p in folder.rglob("*")
-                      if p.suffix in (".safetensors", ".sft", ".pt", ".pth", ".bin", ".ckpt")]
+        names = list(comfy[4].get_filename_list(kind))
+    else:
+        names = []
+        for folder in _standalone_folders(kind):
+            if folder.is_dir():
+                names += [str(p.relative_to(folder)).replace(os.sep, "/") for p in folder.rglob("*")
+                          if p.suffix in (".safetensors", ".sft", ".pt", ".pth", ".bin", ".ckpt")]
+    if kind == MODEL_FOLDER:
+        releases = set(list_models())
+        names = [n for n in names if n.split("/")[0] not in releases]
     return sorted(set(names))
 
 

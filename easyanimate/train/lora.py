@@ -1,0 +1,152 @@
+"""LoRA training for the EasyAnimate transformer, written in the EasyAnimate (kohya) file format (spec §6.1).
+
+    python -m easyanimate train-lora --model RELEASE --data DATA --out RUN --steps 600
+
+The base transformer is frozen; each adapted `Linear` gets a low-rank bypass
+
+    y = W x + (alpha / rank) * up(down(x))        down: Kaiming-uniform, up: zeros (starts as a no-op)
+
+trained with the same objective and batches as the transformer itself (`easyanimate.train.dit`).
+Adapted layers: every Linear inside the transformer blocks, motion modules included (the V2/V3 scripts
+set `add_lora_in_attn_temporal`), and `proj_out`. The file holds, per layer,
+`lora_unet__<module path with . as _>.lora_down.weight (rank, in)`, `.lora_up.weight (out, rank)` and
+`.alpha`: the names the reference's training code writes (its root module has an empty name, hence
+the double underscore), so `easyanimate.lora` and the reference's `merge_lora` both read it.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .common import LossLog, Progress, load_checkpoint, save_checkpoint, setup, warmup_cosine
+
+PREFIX = "lora_unet"
+
+
+class LoRALinear(nn.Module):
+    """A frozen Linear plus a trainable low-rank bypass."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+        super().__init__()
+        self.base = base
+        self.rank, self.alpha = rank, alpha
+        self.lora_down = nn.Linear(base.in_features, rank, bias=False)
+        self.lora_up = nn.Linear(rank, base.out_features, bias=False)
+        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_up.weight)
+
+    def forward(self, x):
+        return self.base(x) + self.lora_up(self.lora_down(x)) * (self.alpha / self.rank)
+
+
+def lora_targets(model: nn.Module) -> list[str]:
+    return [name for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and (name.startswith("transformer_blocks.") or name == "proj_out")]
+
+
+def add_lora(model: nn.Module, rank: int, alpha: float) -> dict[str, LoRALinear]:
+    """Replace each target Linear by a `LoRALinear`; returns {module path: wrapper}."""
+    model.requires_grad_(False)
+    wrappers = {}
+    for name in lora_targets(model):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        wrapper = LoRALinear(getattr(parent, child), rank, alpha)
+        setattr(parent, child, wrapper)
+        wrappers[name] = wrapper
+    return wrappers
+
+
+def lora_state_dict(wrappers: dict[str, LoRALinear], dtype=torch.float16) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for name, wrapper in wrappers.items():
+        key = f"{PREFIX}_.{name}".replace(".", "_")  # "lora_unet" + "." + "" + "." + path, dots -> "_"
+        tensors[f"{key}.lora_down.weight"] = wrapper.lora_down.weight.detach().to(dtype).contiguous()
+        tensors[f"{key}.lora_up.weight"] = wrapper.lora_up.weight.detach().to(dtype).contiguous()
+        tensors[f"{key}.alpha"] = torch.tensor(float(wrapper.alpha), dtype=dtype)
+    return tensors
+
+
+@dataclass
+class LoRATrainConfig:
+    model: str  # the release folder to adapt
+    data: str
+    out: str
+    steps: int = 600
+    rank: int = 8
+    alpha: float = 8.0
+    video_batch: int = 16
+    image_batch: int = 32
+    image_every: int = 4
+    lr: float = 1e-3
+    warmup: int = 50
+    text_dropout: float = 0.1
+    first_frame_prob: float = 0.5
+    frames: int = 16
+    seed: int = 0
+    threads: int = 2
+    save_every: int = 100
+    print_every: int = 50
+    stop_at: int | None = None  # end this run after that step (a time-boxed part of a longer run; resume later)
+    name: str = "lora.safetensors"
+
+
+def train_lora(cfg: LoRATrainConfig) -> Path:
+    """Train (or resume) a LoRA on a data folder; writes `<out>/<name>` and returns its path."""
+    from safetensors.torch import save_file
+
+    from ..loading import load_transformer
+    from .dit import Diffusion, LatentCache, build_cache, make_batch, training_loss
+
+    setup(cfg.seed, cfg.threads)
+    run = Path(cfg.out)
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    cache_file = run / "latents.pt"
+    if cache_file.is_file():
+        cache = LatentCache.load(cache_file)
+    else:
+        cache = build_cache(cfg.data, cfg.model, cfg.model, cfg.frames, cfg.seed)
+        cache.save(cache_file)
+
+    model = load_transformer(cfg.model, dtype="fp32")
+    wrappers = add_lora(model, cfg.rank, cfg.alpha)
+    model.train()
+    trainable = [p for w in wrappers.values() for p in (w.lora_down.weight, w.lora_up.weight)]
+    for p in trainable:
+        p.requires_grad_(True)
+    print(f"LoRA: {len(wrappers)} layers, rank {cfg.rank}, {sum(p.numel() for p in trainable):,} parameters", flush=True)
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
+    start, _ = load_checkpoint(run, model, optimizer)
+    diffusion = Diffusion()
+    log = LossLog(run, cfg.print_every, resume_step=start)
+    progress = Progress(cfg.steps, "lora", start=start)
+    for step in range(start, cfg.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = warmup_cosine(step, cfg.steps, cfg.lr, cfg.warmup)
+        batch = make_batch(cache, cfg, step)
+        terms = training_loss(model, diffusion, batch)
+        optimizer.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        optimizer.step()
+        log.write(step + 1, loss=terms["loss"].item(), mse=terms["mse"].item(), vb=terms["vb"].item(),
+                  kind="image" if batch["image_step"] else "video", lr=optimizer.param_groups[0]["lr"])
+        progress.update(loss=terms["loss"].item())
+        if (step + 1) % cfg.save_every == 0 or step + 1 in (cfg.steps, cfg.stop_at):
+            save_checkpoint(run, step + 1, model, optimizer)
+        if step + 1 == cfg.stop_at:
+            progress.close()
+            print(f"stopped at step {step + 1} of {cfg.steps}; run again to resume", flush=True)
+            return None
+    progress.close()
+    path = run / cfg.name
+    metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(cfg.rank), "ss_network_alpha": str(cfg.alpha),
+                "ss_base_model": str(cfg.model), "ss_steps": str(cfg.steps), "easyanimate_format": "lora_unet"}
+    save_file(lora_state_dict(wrappers), str(path), metadata=metadata)
+    print(f"wrote {path}", flush=True)
+    return path

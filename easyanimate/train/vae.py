@@ -1,0 +1,186 @@
+"""Training the V3 slice VAE: reconstruction + KL, on clips and single frames.
+
+The network is the pack's own `MagvitVAE` (built by `easyanimate.vae.build_vae("v3", config)`), so the
+saved `vae/` folder has the released key names and loads with `load_vae`. Training walks each clip the
+way inference does: 8-frame slices encoded independently (2 latents each), and every 2-latent slice
+decoded with its neighbours as context (V3 feature sharing), taken from the same `FrameRule` plans the
+inference driver uses. Single frames go through the lone-frame path (what images and first frames use).
+
+    python -m easyanimate train-vae --data DATA --out RUN --steps 1200
+
+Loss = L1 + MSE (pixels in [-1, 1], pixels off the frame's median colour weighted `object_weight` times
+more) + kl_weight * KL(posterior || N(0, 1)) (mean over latent elements).
+At the end the latents of a sample of the data set give the `scaling_factor` (1 / std) that makes them
+roughly unit variance for the diffusion model, written into the config like the released 0.18215.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .common import LossLog, Progress, load_checkpoint, save_checkpoint, save_weights, setup, warmup_cosine
+from .data import read_folder, to_model_pixels
+
+# A small V3 VAE: same block types and key structure as the release, widths 8..64 instead of 128..512.
+DEMO_VAE_CONFIG = {
+    "_class_name": "AutoencoderKLMagvit",
+    "in_channels": 3,
+    "out_channels": 3,
+    "ch": 8,
+    "ch_mult": [1, 2, 4, 8],
+    "down_block_types": ["SpatialDownBlock3D", "SpatialTemporalDownBlock3D", "SpatialTemporalDownBlock3D",
+                         "SpatialTemporalDownBlock3D"],
+    "up_block_types": ["SpatialUpBlock3D", "SpatialTemporalUpBlock3D", "SpatialTemporalUpBlock3D",
+                       "SpatialTemporalUpBlock3D"],
+    "layers_per_block": 1,
+    "latent_channels": 4,
+    "norm_num_groups": 4,
+    "mid_block_use_attention": True,
+    "mid_block_attention_type": "3d",
+    "mid_block_num_attention_heads": 1,
+    "scaling_factor": 1.0,  # replaced by the measured value when training ends
+    "slice_compression_vae": True,
+    "mini_batch_encoder": 8,
+    "mini_batch_decoder": 2,
+    "use_tiling": False,
+    "tile_sample_min_size": 384,
+    "tile_overlap_factor": 0.25,
+}
+
+
+@dataclass
+class VAETrainConfig:
+    data: str
+    out: str
+    steps: int = 1200
+    clips_per_batch: int = 4
+    images_per_batch: int = 8
+    frames: int = 16
+    lr: float = 1e-3
+    warmup: int = 50
+    kl_weight: float = 1e-4
+    object_weight: float = 9.0  # extra weight of pixels that differ from their frame's median colour (0: none)
+    seed: int = 0
+    threads: int = 2
+    save_every: int = 200
+    print_every: int = 50
+    stop_at: int | None = None  # end this run after that step (a time-boxed part of a longer run; resume later)
+    model: dict = field(default_factory=lambda: dict(DEMO_VAE_CONFIG))
+
+
+# ------------------------------------------------------------------------------ differentiable driving
+def encode_moments(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """(B, 3, F, H, W) in [-1, 1] -> moments (B, 2*latent, F_lat, h, w), slice by slice, with gradients."""
+    parts = [vae.model.encode_chunk(pixels[:, :, c.start:c.stop], c.mode) for c in vae.rules.encode_plan(pixels.shape[2])]
+    return torch.cat(parts, dim=2)
+
+
+def decode_latents(vae, z: torch.Tensor) -> torch.Tensor:
+    """Unscaled latents -> pixels, every slice seeing its neighbours as at inference, with gradients."""
+    parts = []
+    for c in vae.rules.decode_plan(z.shape[2]):
+        window = z[:, :, c.context_start:c.context_stop]
+        parts.append(vae.model.decode_chunk(window, c.mode, c.start - c.context_start, c.context_stop - c.stop))
+    return torch.cat(parts, dim=2)
+
+
+def foreground_weights(pixels: torch.Tensor, object_weight: float) -> torch.Tensor:
+    """1 + object_weight where a pixel differs from its frame's median colour (B, 1, F, H, W).
+
+    Small objects on plain backgrounds cover a few percent of the pixels; without this weight the VAE
+    first learns to paint the background alone and stays there for a long time."""
+    if object_weight <= 0:
+        return torch.ones_like(pixels[:, :1])
+    background = pixels.flatten(3).median(dim=3).values[..., None, None]
+    foreground = (pixels - background).abs().amax(dim=1, keepdim=True) > 0.1
+    return 1 + object_weight * foreground.float()
+
+
+def vae_loss(vae, pixels: torch.Tensor, kl_weight: float, object_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
+    from ..models.vae_magvit import DiagonalGaussian
+
+    posterior = DiagonalGaussian(encode_moments(vae, pixels))
+    z = posterior.mean + posterior.std * torch.randn_like(posterior.mean)
+    recon = decode_latents(vae, z)
+    weight = foreground_weights(pixels, object_weight)
+    weight = weight / weight.mean()
+    l1 = (weight * (recon - pixels).abs()).mean()
+    mse = (weight * (recon - pixels).square()).mean()
+    kl = 0.5 * (posterior.mean.square() + posterior.logvar.exp() - 1 - posterior.logvar).mean()
+    return l1 + mse + kl_weight * kl, {"l1": l1.item(), "mse": mse.item(), "kl": kl.item()}
+
+
+def build_trainable_vae(model_config: dict):
+    from ..vae import build_vae
+
+    vae = build_vae("v3", model_config)
+    vae.model.train().requires_grad_(True)
+    return vae
+
+
+# ------------------------------------------------------------------------------ the loop
+def train_vae(cfg: VAETrainConfig) -> Path:
+    """Train (or resume) and write `<out>/vae/` (config.json + safetensors). Returns that folder."""
+    generator = setup(cfg.seed, cfg.threads)
+    run = Path(cfg.out)
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    data = read_folder(cfg.data, frames=cfg.frames)
+    count = len(data)
+
+    vae = build_trainable_vae(cfg.model)
+    model = vae.model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    start, _ = load_checkpoint(run, model, optimizer)
+    if start:
+        print(f"resuming VAE training at step {start}", flush=True)
+    log = LossLog(run, cfg.print_every, resume_step=start)
+    progress = Progress(cfg.steps, "vae", start=start)
+    model.train()
+    for step in range(start, cfg.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = warmup_cosine(step, cfg.steps, cfg.lr, cfg.warmup)
+        # Batches are a function of (seed, step), so a resumed run sees the same data as an unbroken one.
+        pick = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        clip_ids = torch.randint(count, (cfg.clips_per_batch,), generator=pick).numpy()
+        image_ids = torch.randint(count, (cfg.images_per_batch,), generator=pick).numpy()
+        frame_ids = torch.randint(cfg.frames, (cfg.images_per_batch,), generator=pick).numpy()
+        clips = to_model_pixels(data.clips[np.sort(clip_ids)])
+        images = to_model_pixels(data.clips[image_ids, frame_ids][:, None])
+
+        video_loss, video_terms = vae_loss(vae, clips, cfg.kl_weight, cfg.object_weight)
+        image_loss, image_terms = vae_loss(vae, images, cfg.kl_weight, cfg.object_weight)
+        loss = video_loss + 0.5 * image_loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+
+        log.write(step + 1, loss=loss.item(), video_l1=video_terms["l1"], image_l1=image_terms["l1"],
+                  kl=video_terms["kl"], lr=optimizer.param_groups[0]["lr"])
+        progress.update(loss=loss.item())
+        if (step + 1) % cfg.save_every == 0 or step + 1 in (cfg.steps, cfg.stop_at):
+            save_checkpoint(run, step + 1, model, optimizer)
+        if step + 1 == cfg.stop_at:
+            progress.close()
+            print(f"stopped at step {step + 1} of {cfg.steps}; run again to resume", flush=True)
+            return None
+    progress.close()
+    return export_vae(vae, data, run, cfg.model)
+
+
+@torch.no_grad()
+def export_vae(vae, data, run: Path, model_config: dict, sample: int = 64) -> Path:
+    """Measure the latent scale on a sample of clips and write the release-style `vae/` folder."""
+    vae.model.eval()
+    pick = np.linspace(0, len(data) - 1, min(sample, len(data))).astype(int)
+    means = encode_moments(vae, to_model_pixels(data.clips[pick])).chunk(2, dim=1)[0]
+    scaling = float(1.0 / means.std())
+    config = dict(model_config, scaling_factor=round(scaling, 5))
+    folder = save_weights(run / "vae", vae.model.state_dict(), config, dtype=torch.float16)
+    print(f"latent std {means.std().item():.4f} -> scaling_factor {scaling:.5f}; wrote {folder}", flush=True)
+    return folder

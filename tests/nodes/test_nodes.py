@@ -38,6 +38,7 @@ def test_every_input_has_a_tooltip_and_every_node_a_description(standalone):
 def test_loader_lists_models_and_caches(standalone):
     options = nodes(standalone)["LoadEasyAnimate"].INPUT_TYPES()["required"]["model"][0]
     assert "EasyAnimateV3-tiny" in options and "EasyAnimateV2-tiny" in options
+    assert "demo" in options[0]  # the embedded demo model comes first
     files = nodes(standalone)["LoadEasyAnimate"].INPUT_TYPES()["optional"]["motion_module"][0]
     assert files == ["none"]  # the weights inside release folders are not offered as motion modules
     first, second = load(standalone), load(standalone)

@@ -31,6 +31,18 @@ def setup(seed: int, threads: int | None = None) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def start_run(cfg) -> tuple[Path, torch.Generator]:
+    """Seed and cap threads from a training config (a dataclass with seed, threads, out), create its run
+    folder and record the config there. Returns (run folder, seeded generator)."""
+    from dataclasses import asdict
+
+    generator = setup(cfg.seed, cfg.threads)
+    run = Path(cfg.out)
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    return run, generator
+
+
 class Progress:
     """A one-line text progress bar on stderr (no dependency): `  37% |#####     | 370/1000 loss 0.12 2.1 it/s`."""
 

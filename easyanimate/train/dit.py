@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 
 from .common import (EMA, LossLog, Progress, count_parameters, load_checkpoint, save_checkpoint, save_weights,
-                     setup, warmup_cosine)
+                     start_run, warmup_cosine)
 
 # The V3 InP transformer, shrunk: every block keeps self-attention, the V3 global motion module
 # (even blocks temporal+temporal, odd blocks temporal+global attention), cross-attention and the
@@ -373,18 +373,20 @@ def _find(folder, sub: str) -> Path:
     return folder / sub if (folder / sub).is_dir() else folder
 
 
-def train_dit(cfg: DiTTrainConfig) -> Path:
-    """Train (or resume) and write the release folder `<out>/model`. Returns that folder."""
-    setup(cfg.seed, cfg.threads)
-    run = Path(cfg.out)
-    run.mkdir(parents=True, exist_ok=True)
-    (run / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+def cached_latents(run: Path, data, vae, text, frames: int, seed: int) -> "LatentCache":
+    """The run's encoded training set: read from `<run>/latents.pt`, or built once and saved there."""
     cache_file = run / "latents.pt"
     if cache_file.is_file():
-        cache = LatentCache.load(cache_file)
-    else:
-        cache = build_cache(cfg.data, _find(cfg.vae, "vae"), cfg.text, cfg.frames, cfg.seed)
-        cache.save(cache_file)
+        return LatentCache.load(cache_file)
+    cache = build_cache(data, vae, text, frames, seed)
+    cache.save(cache_file)
+    return cache
+
+
+def train_dit(cfg: DiTTrainConfig) -> Path:
+    """Train (or resume) and write the release folder `<out>/model`. Returns that folder."""
+    run, _ = start_run(cfg)
+    cache = cached_latents(run, cfg.data, _find(cfg.vae, "vae"), cfg.text, cfg.frames, cfg.seed)
 
     config = demo_transformer_config(cfg.model)
     config["caption_channels"] = int(cache.text.shape[-1])

@@ -15,15 +15,14 @@ the double underscore), so `easyanimate.lora` and the reference's `merge_lora` b
 """
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from .common import LossLog, Progress, load_checkpoint, save_checkpoint, setup, warmup_cosine
+from .common import LossLog, Progress, load_checkpoint, save_checkpoint, start_run, warmup_cosine
 
 PREFIX = "lora_unet"
 
@@ -101,18 +100,10 @@ def train_lora(cfg: LoRATrainConfig) -> Path:
     from safetensors.torch import save_file
 
     from ..loading import load_transformer
-    from .dit import Diffusion, LatentCache, build_cache, make_batch, training_loss
+    from .dit import Diffusion, cached_latents, make_batch, training_loss
 
-    setup(cfg.seed, cfg.threads)
-    run = Path(cfg.out)
-    run.mkdir(parents=True, exist_ok=True)
-    (run / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
-    cache_file = run / "latents.pt"
-    if cache_file.is_file():
-        cache = LatentCache.load(cache_file)
-    else:
-        cache = build_cache(cfg.data, cfg.model, cfg.model, cfg.frames, cfg.seed)
-        cache.save(cache_file)
+    run, _ = start_run(cfg)
+    cache = cached_latents(run, cfg.data, cfg.model, cfg.model, cfg.frames, cfg.seed)
 
     model = load_transformer(cfg.model, dtype="fp32")
     wrappers = add_lora(model, cfg.rank, cfg.alpha)

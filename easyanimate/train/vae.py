@@ -15,14 +15,13 @@ roughly unit variance for the diffusion model, written into the config like the 
 """
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .common import LossLog, Progress, load_checkpoint, save_checkpoint, save_weights, setup, warmup_cosine
+from .common import LossLog, Progress, load_checkpoint, save_checkpoint, save_weights, start_run, warmup_cosine
 from .data import read_folder, to_model_pixels
 
 # A small V3 VAE: same block types and key structure as the release, widths 8..64 instead of 128..512.
@@ -125,10 +124,7 @@ def build_trainable_vae(model_config: dict):
 # ------------------------------------------------------------------------------ the loop
 def train_vae(cfg: VAETrainConfig) -> Path:
     """Train (or resume) and write `<out>/vae/` (config.json + safetensors). Returns that folder."""
-    generator = setup(cfg.seed, cfg.threads)
-    run = Path(cfg.out)
-    run.mkdir(parents=True, exist_ok=True)
-    (run / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    run, _ = start_run(cfg)
     data = read_folder(cfg.data, frames=cfg.frames)
     count = len(data)
 

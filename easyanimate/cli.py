@@ -8,6 +8,8 @@
     train-dit    train the V3 InP transformer and write a release folder
     train-lora   train a LoRA on a data folder, written in the EasyAnimate LoRA format
     evaluate     prompt adherence of a model (and a LoRA) on the synthetic vocabulary
+    multi-train  train MuLTI (video-language understanding) on synthetic clips: pretrain, finetune, all
+    multi-eval   MuLTI retrieval / QA / tagging benchmark on held-out synthetic clips
 
 Nothing heavy is imported until a command runs, so `--help` is instant.
 """
@@ -67,6 +69,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's own choice)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--memory-mode", default="none", choices=["none", "offload", "block-swap", "fp8"],
+                   help="none: every model on --device; offload: each model (text encoder, transformer, VAE) on "
+                        "--device only for its stage, otherwise in CPU RAM; block-swap: like offload, and the "
+                        "transformer's blocks stream through --device, at most --swap-blocks at a time; fp8: the "
+                        "transformer's linear weights stored as float8 e4m3fn (a quarter of fp32), each layer upcast "
+                        "while it runs (2e-2 to 4e-2 relative difference per step from fp32). The others give the same video.")
+    g.add_argument("--swap-blocks", type=int, default=4, metavar="N",
+                   help="block-swap: most transformer blocks on --device at once (default 4; >= 2 overlaps the next "
+                        "block's copy with compute on a GPU)")
+    g.add_argument("--memory-budget", type=float, default=None, metavar="MB",
+                   help="activation memory budget in MiB: the transformer runs the CFG batch and its global attention "
+                        "in chunks that fit (same result), and the VAE decodes in tiles sized to fit (tiles blend "
+                        "their borders, which changes pixels slightly)")
 
     i = commands.add_parser("info", help="describe a model folder or weights file")
     i.add_argument("path", nargs="?", default=None, help="release folder, component folder or file (default: the demo)")
@@ -139,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-lora", action="store_true", help="skip the LoRA rows")
     e.add_argument("--json", default=None, help="also write every video's analysis to this JSON file")
     e.add_argument("--threads", type=int, default=None)
+
+    from .multi.cli import add_subcommands as add_multi_commands  # argparse only; the work is imported lazily
+
+    add_multi_commands(commands)
     return parser
 
 
@@ -150,7 +169,7 @@ def main(argv=None) -> int:
         return 0
     handler = {"generate": cmd_generate, "info": cmd_info, "make-data": cmd_make_data, "train-vae": cmd_train_vae,
                "train-text": cmd_train_text, "train-dit": cmd_train_dit, "train-lora": cmd_train_lora,
-               "evaluate": cmd_evaluate}[args.command]
+               "evaluate": cmd_evaluate}.get(args.command) or args.handler  # multi-*: set by multi.cli
     try:
         return handler(args) or 0
     except KeyboardInterrupt:
@@ -196,8 +215,14 @@ def cmd_generate(args) -> int:
     negative = defaults["negative_prompt"] if args.negative_prompt is None else args.negative_prompt
     fps = args.fps or defaults["fps"]
 
+    from .memory import MemoryOptions, MemoryPlan
+
+    memory = MemoryPlan(MemoryOptions(args.memory_mode, args.swap_blocks, args.memory_budget), compute=args.device)
     started = time.time()
-    model = load_model(model_path, dtype=args.dtype, device=args.device)
+    # Streaming and fp8 modes load into CPU RAM first; the plan then places each part.
+    load_device = args.device if args.memory_mode == "none" else "cpu"
+    model = load_model(model_path, dtype=args.dtype, device=load_device)
+    memory.place_model(model)
     if args.start_image:
         options["start_images"] = _read_image(args.start_image)
     stack = []
@@ -210,18 +235,22 @@ def cmd_generate(args) -> int:
                           strength))
     progress = Progress(options["steps"], "sampling", enabled=not args.quiet)
     options["callback"] = lambda done, total, latents: progress.update(1)
-    video = _run_with_loras(model, stack, lambda: make_video(model, args.prompt, negative, frames=frames, height=height,
-                                                             width=width, **options))
+    # fp8 weights cannot take a merged LoRA: it is computed on the side ("hooks") instead.
+    lora_mode = "hooks" if args.memory_mode == "fp8" else "weights"
+    video = _run_with_loras(model, stack, lora_mode=lora_mode,
+                            run=lambda: make_video(model, args.prompt, negative, frames=frames, height=height,
+                                                   width=width, memory=memory, **options))
     progress.close()
     frames_uint8 = (video[0].permute(1, 2, 3, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
     written = write_video(frames_uint8, args.out, fps)
     seconds = time.time() - started
+    mode = "" if args.memory_mode == "none" else f", memory mode {args.memory_mode}"
     print(f"wrote {written}: {frames_uint8.shape[0]} frames, {width}x{height}, {fps} fps, {seconds:.1f} s, "
-          f"peak memory {_peak_memory_mb(args.device):.0f} MB")
+          f"peak memory {_peak_memory_mb(args.device):.0f} MB{mode}")
     return 0
 
 
-def _run_with_loras(model, stack, run):
+def _run_with_loras(model, stack, run, lora_mode="weights"):
     """Apply the LoRA stack to the transformer (and T5 parts, if any) for the duration of `run`."""
     if not stack:
         return run()
@@ -230,7 +259,7 @@ def _run_with_loras(model, stack, run):
     from .lora import lora_patches
 
     with ExitStack() as exits:
-        exits.enter_context(lora_patches(model.transformer, stack))
+        exits.enter_context(lora_patches(model.transformer, stack, mode=lora_mode))
         encoder = model.text_encoder.model if model.text_encoder is not None else None
         if encoder is not None and any(r.patch_for(encoder) is not None for r, _ in stack):
             exits.enter_context(lora_patches(encoder, [(r, s) for r, s in stack if r.patch_for(encoder) is not None]))

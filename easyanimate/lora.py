@@ -788,6 +788,8 @@ def _low_rank_hook(module: nn.Module, factors):
         x = args[0].to(torch.float32)
         extra = None
         for down, up, coefficient in factors:
+            # a module whose weights are streamed to another device (block swap) runs there: follow it
+            down, up = down.to(x.device), up.to(x.device)
             if conv:
                 kernel = down if down.ndim == 4 else down.reshape(down.shape[0], *mod.weight.shape[1:])
                 h = F.conv2d(x, kernel, None, mod.stride, mod.padding, mod.dilation)

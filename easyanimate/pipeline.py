@@ -22,6 +22,11 @@ What happens inside `generate`, in the reference's order:
 Everything random comes from explicit generators. The reference draws its VAE posterior samples
 from torch's global RNG; pass `vae_generator` (a CPU generator seeded as the reference seeded its
 global RNG) to reproduce them.
+
+Memory (outside ComfyUI): `memory=MemoryPlan(MemoryOptions(mode=...), compute="cuda")` places each model
+only for its stage (VAE encode -> transformer -> VAE decode; `make_video` adds the text encoder), streams
+the transformer's blocks, or uses fp8 weights; see `easyanimate.memory`. The results are those of a plain
+run (fp8: close).
 """
 from __future__ import annotations
 
@@ -177,6 +182,7 @@ def generate(
     vae_noise: Optional[Sequence[torch.Tensor]] = None,
     round_frames: bool = False,
     callback: Optional[Callable[[int, int, torch.Tensor], Optional[bool]]] = None,
+    memory=None,
 ) -> torch.Tensor:
     """Sample latents (B, 4, F_latent, H/8, W/8), scaled as the VAE's `decode_video` expects.
 
@@ -186,6 +192,7 @@ def generate(
     `vae_generator` / `vae_noise` feed the VAE posterior samples (default: a generator seeded from
     `seed`). `callback(steps_done, total, latents)` runs after each step and may return False to stop
     (raises `SamplingCancelled`); nothing in the models is changed by a run, stopped or not.
+    `memory`: an `easyanimate.memory.MemoryPlan` placing the VAE and the transformer per stage.
     """
     cfg = transformer.config
     rules = vae.rules
@@ -214,7 +221,10 @@ def generate(
     if noise is not None and tuple(noise.shape) != shape:
         raise EasyAnimateError(f"noise has shape {tuple(noise.shape)}; this run needs {shape}.")
 
-    device = next(transformer.parameters()).device
+    from .memory import MemoryPlan
+
+    memory = memory or MemoryPlan.passive()
+    device = memory.compute if memory.options.streams_weights else next(transformer.parameters()).device
     dtype = transformer.dtype
     if generator is None:
         generator = torch.Generator().manual_seed(0 if seed is None else seed)
@@ -224,7 +234,8 @@ def generate(
 
     def vae_encode(pixels):
         draw = vae_draws.pop(0) if vae_draws else None
-        return vae.encode_latents(pixels, generator=None if draw is not None else vae_generator, noise=draw)
+        with memory.stage(vae.model):
+            return vae.encode_latents(pixels, generator=None if draw is not None else vae_generator, noise=draw)
 
     pixels = cond.video * 2 - 1
 
@@ -243,7 +254,8 @@ def generate(
     clip = None
     if inpaint_model:
         if clip_image_embeds is None and image_encoder is not None and cond.clip_image is not None:
-            clip_image_embeds = image_encoder.encode(cond.clip_image)
+            with memory.stage(image_encoder.model):
+                clip_image_embeds = image_encoder.encode(cond.clip_image)
         clip = clip_conditioning(clip_image_embeds, batch, guidance=use_guidance, dtype=dtype, device=device)
 
     if noise is None:
@@ -265,8 +277,9 @@ def generate(
             return transformer(model_input.to(dtype), timestep, text, text_mask, inpaint_latents=inpaint,
                                clip_encoder_hidden_states=clip_in[0], clip_attention_mask=clip_in[1])
 
-    return denoise(model_fn, latents, sampler_obj, guidance_scale, start_index=start, generator=generator,
-                   latent_channels=vae.latent_channels, callback=callback)
+    with memory.transformer_stage(transformer):
+        return denoise(model_fn, latents, sampler_obj, guidance_scale, start_index=start, generator=generator,
+                       latent_channels=vae.latent_channels, callback=callback)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -402,12 +415,20 @@ def make_video(
     clean_caption: bool = True,
     smooth: bool = False,
     tiling=None,
+    memory=None,
     **generate_options,
 ) -> torch.Tensor:
-    """Prompt (and optional start/end images or input video) -> video (1, 3, F, H, W) in [0, 1], on the CPU."""
+    """Prompt (and optional start/end images or input video) -> video (1, 3, F, H, W) in [0, 1], on the CPU.
+
+    `memory`: an `easyanimate.memory.MemoryPlan` (after `memory.place_model(model)`): each model is placed
+    for its stage only, and a budget also picks the VAE's tile size."""
+    from .memory import MemoryPlan
+
+    memory = memory or MemoryPlan.passive()
     if model.text_encoder is None:
         raise EasyAnimateError("This model was loaded without its text encoder; encode prompts and call generate().")
-    text = model.text_encoder.encode([prompt], [negative_prompt], clean_caption=clean_caption)
+    with memory.stage(model.text_encoder.model):
+        text = model.text_encoder.encode([prompt], [negative_prompt], clean_caption=clean_caption)
     positive = Conditioning(text.embeds, text.mask)
     negative = Conditioning(text.negative_embeds, text.negative_mask)
     generate_options.setdefault("scheduler_config", model.scheduler_config)
@@ -415,6 +436,9 @@ def make_video(
         generate_options.setdefault("image_encoder", model.image_encoder)
     seed = generate_options.get("seed")
     latents = generate(model.transformer, model.vae, positive, negative, frames=frames, height=height, width=width,
-                       **generate_options)
+                       memory=memory, **generate_options)
     decode_generator = torch.Generator().manual_seed((0 if seed is None else seed) + 2) if smooth else None
-    return model.vae.decode_video(latents, smooth=smooth, generator=decode_generator, tiling=tiling, out_device="cpu")
+    with memory.stage(model.vae.model):
+        return model.vae.decode_video(latents, smooth=smooth, generator=decode_generator, tiling=tiling,
+                                      memory_budget=memory.options.budget_bytes if tiling is None else None,
+                                      out_device="cpu")

@@ -14,6 +14,9 @@ How each family walks a video (spec §3.3–3.5; the arithmetic lives in `easyan
 
 Memory: every encode/decode preallocates its output and writes each slice's (and tile's) result
 straight into it, so the working memory is that of one slice of one tile whatever the video length.
+On a CPU the MagViT VAEs run in the channels-last layout (`channels_last_3d`): oneDNN convolves it
+directly, without the blocked copies of each convolution's input and output that the default layout
+costs, which is both faster and smaller; the numbers agree to float rounding (about 1e-6 relative).
 Tiling and slicing commute here (a tile's slice depends only on the same tile of the neighbouring
 latent slices), so slices are the outer loop and a tile grid only keeps the blend strips of the
 current slice. The reference's results are reproduced exactly, tile for tile.
@@ -40,9 +43,12 @@ log = logging.getLogger(__name__)
 FAMILIES = ("v1", "v2", "v3")
 # Keys of training leftovers in released VAE files (discriminators, perceptual loss, logvar).
 IGNORED_PREFIXES = ("loss.",)
-# Rough peak working memory of one slice, in multiples of its largest full-resolution activation
-# (input, normalised copy, temporally padded copy, convolution output, interpolation output).
-ACTIVATION_MULTIPLE = 6
+# Peak working memory of one slice, in multiples of a full-resolution activation of the given width
+# (measured on the full-size V3 VAE, float32, CPU: decode 2.1x the 256-channel activation, the input of
+# the last up block held with its normalised copy and a convolution output; encode 3.6x the 128-channel
+# one), with some margin.
+DECODE_ACTIVATION_MULTIPLE = 2.5
+ENCODE_ACTIVATION_MULTIPLE = 4
 
 
 # ---------------------------------------------------------------------------------------- configs
@@ -254,6 +260,7 @@ class VideoVAE:
         self.spatial_factor = 2 ** (len(channels) - 1)
         self.latent_channels = int(config["latent_channels"])
         self.compute_dtype = compute_dtype or next(model.parameters()).dtype
+        self.channels_last = family != "v1"  # on CPU devices; see the module docstring
         self.tiling = (
             Tiling(int(config.get("tile_sample_min_size", 384)), float(config.get("tile_overlap_factor", 0.25)))
             if config.get("use_tiling")
@@ -290,10 +297,10 @@ class VideoVAE:
         ch = self.block_out_channels
         if decode:
             widest = ch[1] if len(ch) > 1 else ch[0]  # channels entering the last stage at full size
-            pixels_per_unit = self.spatial_factor**2
+            pixels_per_unit, multiple = self.spatial_factor**2, DECODE_ACTIVATION_MULTIPLE
         else:
-            widest, pixels_per_unit = ch[0], 1
-        per_pixel = ACTIVATION_MULTIPLE * widest * max(frames, 1) * itemsize
+            widest, pixels_per_unit, multiple = ch[0], 1, ENCODE_ACTIVATION_MULTIPLE
+        per_pixel = multiple * widest * max(frames, 1) * itemsize
         area_pixels = size[0] * size[1] * pixels_per_unit
         if area_pixels * per_pixel <= budget_bytes:
             return None
@@ -304,7 +311,18 @@ class VideoVAE:
         return Tiling(edge, 0.25)
 
     def _compute(self, x: torch.Tensor) -> torch.Tensor:
-        return x.to(self.device, self.compute_dtype)
+        x = x.to(self.device, self.compute_dtype)
+        if self._layout(x.device) is torch.channels_last_3d:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        return x
+
+    def _layout(self, device: torch.device):
+        """The memory format to compute in on `device`, with the convolution weights converted to it."""
+        wanted = torch.channels_last_3d if self.channels_last and device.type == "cpu" else torch.contiguous_format
+        probe = next((m.weight for m in self.model.modules() if isinstance(m, torch.nn.Conv3d)), None)
+        if probe is not None and probe.device.type != "meta" and not probe.is_contiguous(memory_format=wanted):
+            self.model.to(memory_format=wanted)
+        return wanted
 
     # ------------------------------------------------------------------ encode
     @torch.no_grad()

@@ -5,6 +5,7 @@ Node modules import `comfy`, `folder_paths` and the heavy parts of the model cor
 """
 from .conditioning import EasyAnimateT5Encode
 from .loaders import EasyAnimateLoRALoader, LoadEasyAnimate
+from .multi import MuLTILoader, MuLTITags, MuLTIVideoQA, MuLTIVideoTextScore
 from .sampling import EasyAnimateSampler
 from .video import EasyAnimateSliceVAEDecode, EasyAnimateVAEEncode
 
@@ -15,6 +16,10 @@ NODE_CLASS_MAPPINGS = {
     "EasyAnimateSliceVAEDecode": EasyAnimateSliceVAEDecode,
     "EasyAnimateVAEEncode": EasyAnimateVAEEncode,
     "EasyAnimateLoRALoader": EasyAnimateLoRALoader,
+    "MuLTILoader": MuLTILoader,
+    "MuLTIVideoTextScore": MuLTIVideoTextScore,
+    "MuLTIVideoQA": MuLTIVideoQA,
+    "MuLTITags": MuLTITags,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -24,4 +29,8 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "EasyAnimateSliceVAEDecode": "Slice VAE Decode (EasyAnimate)",
     "EasyAnimateVAEEncode": "VAE Encode (EasyAnimate)",
     "EasyAnimateLoRALoader": "LoRA Loader (EasyAnimate)",
+    "MuLTILoader": "MuLTI Loader",
+    "MuLTIVideoTextScore": "MuLTI Video-Text Score",
+    "MuLTIVideoQA": "MuLTI Video QA",
+    "MuLTITags": "MuLTI Tags",
 }

@@ -64,7 +64,7 @@ class EasyAnimateT5Encode:
         if t5 is not None:
             encoder, component = t5.source.load(), t5.source.component
             with ExitStack() as stack:
-                stack.enter_context(component.placed())
+                stack.enter_context(component.placed(plan=host.standalone_memory_plan()))
                 signature = tuple((str(p), s) for p, s in t5.loras)
                 if signature != t5.source.last_lora_signature:
                     encoder.clear_cache()  # cached embeddings were made with other LoRA weights

@@ -7,6 +7,10 @@ so ComfyUI can stream weights of layers built from `comfy.ops`, evict other mode
 without touching the base weights. Outside ComfyUI (tests, scripts) the same node code runs on one device
 (CUDA when available, else CPU), with LoRAs applied by the core's `lora_patches` for the duration of a call.
 
+Outside ComfyUI only, the core's memory modes can be switched on for the nodes through the environment:
+`EASYANIMATE_MEMORY_MODE` = none | offload | block-swap[:N] | fp8 and `EASYANIMATE_MEMORY_BUDGET_MB`
+(see `easyanimate.memory`). Inside ComfyUI they are ignored: ComfyUI's own management decides.
+
 This is the only module of the pack that imports `comfy`/`folder_paths`, and only inside functions.
 """
 from __future__ import annotations
@@ -20,6 +24,9 @@ import torch
 MODEL_FOLDER = "easyanimate"  # models/easyanimate: release folders and single files
 # Standalone: a models folder laid out like ComfyUI's (easyanimate/, loras/, text_encoders/).
 MODELS_DIR_ENV = "EASYANIMATE_MODELS_DIR"
+# Standalone only: the core's memory modes for the nodes (ignored inside ComfyUI).
+MEMORY_MODE_ENV = "EASYANIMATE_MEMORY_MODE"
+MEMORY_BUDGET_ENV = "EASYANIMATE_MEMORY_BUDGET_MB"
 
 
 def comfy_modules():
@@ -58,6 +65,20 @@ def operations():
     return comfy[2].manual_cast if comfy else torch.nn
 
 
+def standalone_memory_plan():
+    """The core `MemoryPlan` the nodes use outside ComfyUI, from the environment; None inside ComfyUI or when
+    neither variable is set."""
+    mode = os.environ.get(MEMORY_MODE_ENV, "").strip()
+    budget = os.environ.get(MEMORY_BUDGET_ENV, "").strip()
+    if (not mode and not budget) or in_comfyui():
+        return None
+    from ..easyanimate.memory import MemoryOptions, MemoryPlan
+
+    name, _, blocks = mode.partition(":")
+    options = MemoryOptions(name or "none", int(blocks) if blocks else 4, float(budget) if budget else None)
+    return MemoryPlan(options, compute=compute_device(), storage="cpu")
+
+
 def check_interrupt() -> None:
     """Raise ComfyUI's interrupt exception if the user pressed Cancel (no-op standalone)."""
     comfy = comfy_modules()
@@ -88,6 +109,7 @@ class Component:
             "transformer": (mm.get_torch_device(), mm.unet_offload_device()),
             "vae": (mm.vae_device(), mm.vae_offload_device()),
             "text_encoder": (mm.text_encoder_device(), mm.text_encoder_offload_device()),
+            "multi": (mm.get_torch_device(), mm.unet_offload_device()),
         }[kind]
         return cls(module, kind, model_patcher.ModelPatcher(patched, load_device=load, offload_device=offload))
 
@@ -104,8 +126,11 @@ class Component:
         return Component(self.module, self.kind, patcher)
 
     @contextmanager
-    def placed(self, memory_required: int = 0, others: tuple["Component", ...] = ()):
-        """The module (with this component's LoRAs) on the compute device for the duration of the block."""
+    def placed(self, memory_required: int = 0, others: tuple["Component", ...] = (), plan=None, load: bool = True):
+        """The module (with this component's LoRAs) on the compute device for the duration of the block.
+
+        Standalone, a streaming `plan` (`standalone_memory_plan()`) puts the modules back in CPU RAM after
+        the block, and `load=False` leaves their placement to the plan altogether (block swap)."""
         comfy = comfy_modules()
         components = (self,) + tuple(others)
         if comfy:
@@ -116,9 +141,13 @@ class Component:
         from ..easyanimate.lora import lora_patches
 
         device = compute_device()
+        streaming = plan is not None and plan.options.streams_weights
         with ExitStack() as stack:
             for component in components:
-                component.module.to(device)
+                if not streaming:
+                    component.module.to(device)
+                elif load:  # whole-model offload: on the device for this block only
+                    stack.enter_context(plan.manager.placed(component.module))
                 if component.loras:
                     # On the fly: no copy of the adapted weights is made (ComfyUI patches in place instead).
                     stack.enter_context(lora_patches(component.module, component.loras, mode="hooks"))

@@ -91,13 +91,17 @@ class LoadEasyAnimate:
         dtype = _precision(precision)
         mm = host.resolve_file(host.MODEL_FOLDER, motion_module) if motion_module != NONE else None
         pers = host.resolve_file(host.MODEL_FOLDER, personalized) if personalized != NONE else None
-        key = (str(root), dtype, str(mm), str(pers), _signature(root))
+        plan = host.standalone_memory_plan()  # outside ComfyUI only
+        fp8 = plan is not None and plan.options.mode == "fp8"
+        key = (str(root), dtype, str(mm), str(pers), _signature(root), fp8)
         cached = _LOADED.get(key)
         if cached is not None:
             return (cached, *cached.companions)
 
         ops = host.operations()
         transformer = load_transformer(root, dtype=dtype, motion_module=mm, personalized=pers, operations=ops)
+        if fp8:
+            plan.apply_fp8(transformer)
         vae = load_vae(root, dtype=dtype, operations=ops)
         release = root if (root / "transformer").is_dir() else root.parent
         scheduler = release / "scheduler" if (release / "scheduler" / "scheduler_config.json").is_file() else None

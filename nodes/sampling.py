@@ -62,11 +62,15 @@ class EasyAnimateSampler:
                 "clip_apply_ratio": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.05,
                                                "tooltip": "Image-to-video: fraction of the last steps that see the CLIP "
                                                           "image tokens (reference 0.5)."}),
+                "batch_size": ("INT", {"default": 1, "min": 1, "max": 64,
+                                       "tooltip": "Number of videos (candidates), one after the other with seeds seed, "
+                                                  "seed+1, ...; decoded, they come out back to back (pick one with "
+                                                  "MuLTI Video-Text Score)."}),
             },
         }
 
     def sample(self, model, embeds, vae, width, height, frames, seed, steps, cfg, sampler_name, denoise,
-               start_image=None, end_image=None, video=None, clip_apply_ratio=0.5):
+               start_image=None, end_image=None, video=None, clip_apply_ratio=0.5, batch_size=1):
         from ..easyanimate.pipeline import generate
 
         transformer = model.transformer.module
@@ -84,24 +88,32 @@ class EasyAnimateSampler:
             if image_encoder is None:
                 log.warning("EasyAnimate: this model folder has no image_encoder/; image-to-video runs without CLIP tokens.")
 
-        progress = host.Progress(steps)
+        progress = host.Progress(steps * batch_size)
         previewer = host.latent_previewer(vae)
+        candidate = [0]
 
         def on_step(done, total, latents):
             preview = None
             if previewer is not None:  # the middle latent frame, as ComfyUI's own previews show one image
                 middle = latents.shape[2] // 2
                 preview = previewer.decode_latent_to_preview_image("JPEG", latents[:, :, middle:middle + 1].float())
-            progress.update(done, total, preview)
+            progress.update(candidate[0] * total + done, total * batch_size, preview)
 
         lat_h, lat_w = height // 8, width // 8
         memory = host.transformer_memory_estimate(transformer, (1, 4, count.latents, lat_h, lat_w), cfg > 1)
-        with model.transformer.placed(memory, others=(vae.component,)):
-            latents = generate(
-                transformer, vae.vae, embeds.positive, embeds.negative,
-                frames=count.frames, height=height, width=width, steps=steps, guidance_scale=cfg,
-                sampler=sampler_name, scheduler_config=model.scheduler_config, seed=seed,
-                start_images=starts, end_images=ends, video=video_in, strength=denoise,
-                image_encoder=image_encoder, clip_apply_ratio=clip_apply_ratio, callback=on_step,
-            )
-        return ({"samples": latents.to(host.intermediate_device(), torch.float32)},)
+        results = []
+        plan = host.standalone_memory_plan()  # outside ComfyUI only, from the environment
+        block_swap = plan is not None and plan.options.mode == "block-swap"
+        with model.transformer.placed(memory, others=() if block_swap else (vae.component,), plan=plan,
+                                      load=not block_swap):
+            for candidate[0] in range(batch_size):
+                latents = generate(
+                    transformer, vae.vae, embeds.positive, embeds.negative,
+                    frames=count.frames, height=height, width=width, steps=steps, guidance_scale=cfg,
+                    sampler=sampler_name, scheduler_config=model.scheduler_config, seed=seed + candidate[0],
+                    start_images=starts, end_images=ends, video=video_in, strength=denoise,
+                    image_encoder=image_encoder, clip_apply_ratio=clip_apply_ratio, callback=on_step,
+                    memory=plan if block_swap or (plan is not None and plan.options.budget_bytes) else None,
+                )
+                results.append(latents.to(host.intermediate_device(), torch.float32))
+        return ({"samples": torch.cat(results)},)

@@ -70,7 +70,7 @@ class EasyAnimateSliceVAEDecode:
             done[0] += 1
             progress.update(done[0])
 
-        with vae.component.placed(host.vae_memory_estimate(latents.shape)):
+        with vae.component.placed(host.vae_memory_estimate(latents.shape), plan=host.standalone_memory_plan()):
             video = vae.vae.decode_video(
                 latents, smooth=smooth, generator=torch.Generator().manual_seed(smooth_seed) if smooth else None,
                 tiling=_tiling(tiling, tile_size, tile_overlap), out_device=host.intermediate_device(), progress=on_slice,
@@ -102,7 +102,8 @@ class EasyAnimateVAEEncode:
     def encode(self, vae, frames, tiling, tile_size, tile_overlap, sample, sample_seed):
         video = images_to_frames(frames).transpose(0, 1)[None] * 2 - 1
         progress = host.Progress(len(vae.vae.rules.encode_plan(video.shape[2])))
-        with vae.component.placed(host.vae_memory_estimate((1, 4, video.shape[2], video.shape[-2] // 8, video.shape[-1] // 8))):
+        estimate = host.vae_memory_estimate((1, 4, video.shape[2], video.shape[-2] // 8, video.shape[-1] // 8))
+        with vae.component.placed(estimate, plan=host.standalone_memory_plan()):
             latents = vae.vae.encode_latents(
                 video, sample=sample, generator=torch.Generator().manual_seed(sample_seed) if sample else None,
                 tiling=_tiling(tiling, tile_size, tile_overlap), progress=lambda i, n: progress.update(i),

@@ -3,10 +3,35 @@
 `to_q/to_k/to_v/to_out.0` and `ff.net.0.proj/ff.net.2` are diffusers' names; the checkpoints use them,
 so these modules keep them. Attention runs through `scaled_dot_product_attention`, which picks the
 memory-efficient kernel the device offers.
+
+Memory: the feed-forward runs over the tokens in row chunks whose inner activation stays under
+`FEED_FORWARD_CHUNK_BYTES` (rows are independent, so the result is the same); `query_chunks(n)` makes
+every attention in its scope process at most n queries at a time (used under a memory budget, for
+devices whose SDPA kernel would materialise the full score matrix).
 """
+from contextlib import contextmanager
+from contextvars import ContextVar
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+# Largest inner (4x wide, GEGLU 8x) feed-forward activation computed at once, and the fewest rows a
+# chunk gets (the matrix products stay efficient and give the same numbers as the whole batch).
+FEED_FORWARD_CHUNK_BYTES = 8 * 2**20
+MIN_CHUNK_ROWS = 128
+
+_QUERY_CHUNK: ContextVar = ContextVar("easyanimate_query_chunk", default=None)
+
+
+@contextmanager
+def query_chunks(rows: int | None):
+    """Within the block, attention computes at most `rows` queries at a time (None: all at once)."""
+    token = _QUERY_CHUNK.set(rows)
+    try:
+        yield
+    finally:
+        _QUERY_CHUNK.reset(token)
 
 
 class Attention(nn.Module):
@@ -29,8 +54,14 @@ class Attention(nn.Module):
         q, k, v = (t.view(n, -1, self.heads, t.shape[-1] // self.heads).transpose(1, 2) for t in (q, k, v))
         if bias is not None:
             bias = bias.to(q.dtype)[:, None]  # (N, 1, 1, Lk): same bias for every head and query
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        out = out.transpose(1, 2).reshape(n, -1, q.shape[1] * q.shape[-1])
+        rows = _QUERY_CHUNK.get()
+        if rows is None or q.shape[2] <= rows:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        else:  # each query's result depends only on its own row: chunks give the same numbers
+            out = torch.cat([F.scaled_dot_product_attention(q[:, :, i : i + rows], k, v, attn_mask=bias)
+                             for i in range(0, q.shape[2], rows)], dim=2)
+        del q, k, v
+        out = out.transpose(1, 2).reshape(n, -1, out.shape[1] * out.shape[-1])
         return self.to_out[0](out)
 
 
@@ -66,6 +97,25 @@ class FeedForward(nn.Module):
         self.net = nn.ModuleList([first, nn.Identity(), operations.Linear(inner, dim, bias=True, dtype=dtype, device=device)])
 
     def forward(self, x):
+        proj = self.net[0].proj
+        inner = getattr(proj, "out_features", None) or getattr(getattr(proj, "base", None), "out_features", None)
+        if inner is None:  # a wrapped layer of unknown width: no chunking
+            return self._rows(x)
+        rows = x.numel() // x.shape[-1]
+        chunk = max(MIN_CHUNK_ROWS, FEED_FORWARD_CHUNK_BYTES // (inner * x.element_size()))
+        if rows <= chunk:
+            return self._rows(x)
+        flat = x.reshape(rows, x.shape[-1])
+        out = None
+        for start in range(0, rows, chunk):
+            part = self._rows(flat[start : start + chunk])
+            if out is None:
+                out = part.new_empty(rows, part.shape[-1])
+            out[start : start + len(part)] = part
+            del part
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    def _rows(self, x):
         for layer in self.net:
             x = layer(x)
         return x

@@ -8,6 +8,11 @@ A PixArt-alpha DiT whose blocks each carry a motion module:
       -> adaLN final layer -> unpatchify -> (B, 8, F, H, W)   (4 epsilon + 4 learned-variance channels)
 
 Family differences are settings in `TransformerConfig` (loaded from JSON presets), not separate classes.
+
+Memory: position tables are computed per call, never stored; activations are dropped as soon as they are
+used (the U-ViT skips live exactly as long as their receiving block needs them). With `memory_budget`
+(bytes; `easyanimate.memory.transformer_budget` sets it for a block) the forward runs the CFG batch in
+chunks and attention over query chunks sized to fit (`plan_chunks`), with the same results.
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ import torch.nn as nn
 from einops import rearrange
 
 from ..errors import EasyAnimateError
-from .attention import Attention, FeedForward, layer_norm
+from .attention import Attention, FeedForward, layer_norm, query_chunks
 from .embeddings import AdaLNSingle, MLPEmbedder, PatchEmbed
 from .motion import MotionModule
 
@@ -179,6 +184,13 @@ class DiTBlock(nn.Module):
         return x + gate_m * self.ff(h)
 
 
+def _batch_rows(value, start: int, rows: int, batch: int):
+    """Rows [start, start + rows) of a per-sample input; None and shared (size-1) inputs pass as they are."""
+    if value is None or value.ndim == 0 or value.shape[0] != batch:
+        return value
+    return value[start : start + rows]
+
+
 class EasyAnimateTransformer3D(nn.Module):
     def __init__(self, cfg: TransformerConfig, dtype=None, device=None, operations=nn):
         super().__init__()
@@ -198,6 +210,27 @@ class EasyAnimateTransformer3D(nn.Module):
             )
         self.scale_shift_table = nn.Parameter(torch.empty(2, dim, dtype=dtype, device=device))
         self.proj_out = operations.Linear(dim, cfg.patch_size**2 * cfg.out_channels, bias=True, dtype=dtype, device=device)
+        self.memory_budget: int | None = None  # bytes of activations a forward may use; None = no limit
+
+    def plan_chunks(self, batch: int, frames: int, height: int, width: int, budget: int | None = None):
+        """(batch rows per pass, attention queries per call or None) for latents of this shape under `budget`.
+
+        The estimate: every token activation of a pass (the U-ViT skips plus about eight working copies
+        in a block) and, for the global attention, a full score matrix per head (what a kernel without
+        a memory-efficient path allocates). Without a budget: the whole batch, all queries.
+        """
+        budget = self.memory_budget if budget is None else budget
+        if budget is None:
+            return batch, None
+        cfg = self.config
+        tokens = frames * (height // cfg.patch_size) * (width // cfg.patch_size)
+        element = torch.finfo(self.dtype).bits // 8 if self.dtype.is_floating_point else 4
+        per_row = tokens * cfg.hidden_size * element * ((UVIT_PUSHES if cfg.enable_uvit else 0) + 8)
+        rows = max(1, min(batch, int(budget // 2 // per_row)))
+        left = max(budget - rows * per_row, budget // 4)
+        heads = max(s["num_attention_heads"] for s in cfg.motion_modules)
+        queries = int(left // (rows * heads * tokens * element))
+        return rows, (None if queries >= tokens else max(64, queries))
 
     def forward(
         self,
@@ -215,8 +248,26 @@ class EasyAnimateTransformer3D(nn.Module):
         V3 InP: inpaint_latents (B, 8, F, H, W) [mask latents, masked-video latents], CLIP image embeds (B, 768)
         and their mask (B, 8).
         """
-        cfg = self.config
         self._check_inputs(x, encoder_hidden_states, inpaint_latents, clip_encoder_hidden_states)
+        b = x.shape[0]
+        rows, queries = self.plan_chunks(b, *x.shape[2:])
+        args = (x, timestep, encoder_hidden_states, encoder_attention_mask, inpaint_latents,
+                clip_encoder_hidden_states, clip_attention_mask)
+        with query_chunks(queries):
+            if rows >= b:
+                return self._forward(*args)
+            out = None
+            for start in range(0, b, rows):  # CFG halves (or smaller batch chunks) one after the other
+                part = self._forward(*(_batch_rows(a, start, rows, b) for a in args))
+                if out is None:
+                    out = part.new_empty((b,) + part.shape[1:])
+                out[start : start + rows] = part
+                del part
+            return out
+
+    def _forward(self, x, timestep, encoder_hidden_states, encoder_attention_mask, inpaint_latents,
+                 clip_encoder_hidden_states, clip_attention_mask):
+        cfg = self.config
         dtype = self.dtype
         if encoder_attention_mask is not None and clip_attention_mask is not None:
             encoder_attention_mask = torch.cat([encoder_attention_mask, clip_attention_mask.to(encoder_attention_mask)], 1)
@@ -240,6 +291,7 @@ class EasyAnimateTransformer3D(nn.Module):
             clip_tokens = self.clip_projection(clip_encoder_hidden_states.to(dtype)).view(b, CLIP_TOKENS, -1)
             context = torch.cat([context, clip_tokens], dim=1)
 
+        del x, inpaint_latents
         skips = []
         for index, block in enumerate(self.transformer_blocks):
             if cfg.enable_uvit and index >= UVIT_FIRST_POP:
@@ -247,6 +299,7 @@ class EasyAnimateTransformer3D(nn.Module):
             tokens = block(tokens, t6, context, context_bias, frames, grid_h, grid_w)
             if cfg.enable_uvit and index < UVIT_PUSHES:
                 skips.append(tokens)
+        del skips, context, context_bias
 
         shift, scale = (self.scale_shift_table[None].to(t_emb) + t_emb[:, None]).chunk(2, dim=1)
         tokens = layer_norm(tokens, 1e-6, in_fp32=False) * (1 + scale) + shift

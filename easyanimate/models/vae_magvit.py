@@ -13,7 +13,18 @@ Layout (names are the checkpoint's state-dict names):
     decoder: post_quant_conv -> conv_in -> mid_block -> up_blocks[i] (ResidualBlock3D x n+1, then
              an upsampler except in the last block) -> conv_norm_out -> SiLU -> conv_out
 
-Temporal convolutions have kernel 3 and no built-in temporal padding; `pad_time` adds it.
+Temporal convolutions have kernel 3. The slice VAE's zero padding in time is built into the
+convolutions (`padding=1`), which gives the same numbers as padding first without the padded copy;
+the causal padding of V2 repeats the first frame (`conv_time`).
+
+Memory: every intermediate is dropped as soon as the next one exists, SiLU runs in place on the
+normalised copy, and residual sums are added in place, so a residual block holds its input, one
+normalised copy and one convolution output at a time. The encoder and the decoder's upsampling stages
+pass each block its input without keeping a reference (`_run_owned`), so a block that changes the
+channel count releases its input right after its shortcut, and normalises it in place (`group_norm_`).
+On a CPU, convolutions of small one-sample inputs go to oneDNN too (`_conv`; torch would send them to a
+reference kernel about 4x slower). Compared with the straightforward computation the results differ by
+float rounding only (about 1e-5 relative on the full-size V3 VAE).
 """
 from __future__ import annotations
 
@@ -78,23 +89,93 @@ def pad_time(x: torch.Tensor, mode: str) -> torch.Tensor:
     return F.pad(x, (0, 0, 0, 0, 1, 1))
 
 
+def time_conv(operations, in_channels, out_channels, dtype=None, device=None):
+    """A 3x3x3 convolution with one zero frame of padding in time built in (and one pixel in space)."""
+    return operations.Conv3d(in_channels, out_channels, 3, padding=1, dtype=dtype, device=device)
+
+
+def conv_time(conv: nn.Module, x: torch.Tensor, mode: str) -> torch.Tensor:
+    """`conv` (from `time_conv`) with the temporal padding of `mode`.
+
+    Zero padding (V3) is the convolution's own. Causal (V2): the first frame repeated twice in front;
+    the convolution's zero frames then add one output at each end, which are cut off.
+    """
+    if mode != CAUSAL:
+        return _conv(conv, x)
+    frames = x.shape[2]
+    return _conv(conv, torch.cat([x[:, :, :1], x[:, :, :1], x], dim=2))[:, :, 1 : frames + 1]
+
+
+# torch sends a float32 CPU convolution of one sample to its slow reference kernel (about 4x slower than
+# oneDNN here) when batch * channels * frames * height <= 20480, e.g. a 2-latent slice of a 128 px video.
+_SLOW_PATH_LIMIT = 20480
+
+
+def _conv(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """conv(x); on a CPU, through oneDNN also for the small inputs torch's heuristic would not give it."""
+    if (type(conv) is nn.Conv3d and x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[0] == 1
+            and x.shape[1] * x.shape[2] * x.shape[3] <= _SLOW_PATH_LIMIT and torch.backends.mkldnn.is_available()
+            and torch.backends.mkldnn.enabled and conv.padding_mode == "zeros"):
+        return torch.mkldnn_convolution(x, conv.weight, conv.bias, conv.padding, conv.stride, conv.dilation, conv.groups)
+    return conv(x)
+
+
+def _in_place_ok(x: torch.Tensor) -> bool:
+    """In-place ops only where autograd does not need the values they overwrite (inference)."""
+    return not (torch.is_grad_enabled() and x.requires_grad)
+
+
+def group_norm_(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`norm(x)` computed in place in x (which must not be needed afterwards): per-group mean and
+    variance, then one scale and shift per channel. Equal to `F.group_norm` up to float rounding."""
+    if (type(norm) is not nn.GroupNorm or not norm.affine or x.dtype not in (torch.float32, torch.float64)
+            or not _in_place_ok(x)):
+        return norm(x)
+    n, c = x.shape[:2]
+    g = norm.num_groups
+    grouped = x.view(n, g, c // g, *x.shape[2:])
+    var, mean = torch.var_mean(grouped, dim=tuple(range(2, grouped.ndim)), unbiased=False)
+    scale = (torch.rsqrt(var + norm.eps)[:, :, None] * norm.weight.view(g, c // g)).reshape(n, c)
+    shift = norm.bias - mean.repeat_interleave(c // g, dim=1) * scale
+    view = (n, c) + (1,) * (x.ndim - 2)
+    return x.mul_(scale.view(view)).add_(shift.view(view))
+
+
+def silu_(x: torch.Tensor) -> torch.Tensor:
+    """SiLU in place (the same numbers as `F.silu`) on a tensor nobody else holds (out of place when
+    training)."""
+    return F.silu(x, inplace=_in_place_ok(x))
+
+
 class ResidualBlock3D(nn.Module):
     def __init__(self, in_channels, out_channels, groups, dtype=None, device=None, operations=nn):
         super().__init__()
         self.norm1 = operations.GroupNorm(groups, in_channels, eps=GROUP_NORM_EPS, dtype=dtype, device=device)
-        self.conv1 = operations.Conv3d(in_channels, out_channels, 3, padding=(0, 1, 1), dtype=dtype, device=device)
+        self.conv1 = time_conv(operations, in_channels, out_channels, dtype=dtype, device=device)
         self.norm2 = operations.GroupNorm(groups, out_channels, eps=GROUP_NORM_EPS, dtype=dtype, device=device)
-        self.conv2 = operations.Conv3d(out_channels, out_channels, 3, padding=(0, 1, 1), dtype=dtype, device=device)
+        self.conv2 = time_conv(operations, out_channels, out_channels, dtype=dtype, device=device)
         self.shortcut = None
         if in_channels != out_channels:
             self.shortcut = operations.Conv3d(in_channels, out_channels, 1, dtype=dtype, device=device)
 
     def forward(self, x, mode):
-        h = F.silu(self.norm1(x))
-        h = self.conv1(pad_time(h, mode))
-        h = F.silu(self.norm2(h))
-        h = self.conv2(pad_time(h, mode))
-        return h + (x if self.shortcut is None else self.shortcut(x))
+        return self.consume([x], mode)
+
+    def consume(self, box: list, mode, owned: bool = False):
+        """The forward of the input in `box`, which this call takes out, so that when nothing else holds
+        it, it is released as soon as it is no longer needed: with a shortcut convolution, right after
+        the first normalisation. `owned` (nothing else holds it, not even as a view) further lets that
+        normalisation run in place. One statement per step: every intermediate goes as soon as the next
+        one exists."""
+        x = box.pop()
+        residual = x if self.shortcut is None else self.shortcut(x)
+        h = group_norm_(self.norm1, x) if owned and self.shortcut is not None else self.norm1(x)
+        del x
+        h = silu_(h)
+        h = conv_time(self.conv1, h, mode)
+        h = silu_(self.norm2(h))
+        h = conv_time(self.conv2, h, mode)
+        return h.add_(residual) if _in_place_ok(h) else h + residual
 
 
 class SpatialDownsampler3D(nn.Module):
@@ -118,11 +199,10 @@ class SpatialUpsampler3D(nn.Module):
     def __init__(self, channels, temporal, dtype=None, device=None, operations=nn):
         super().__init__()
         self.temporal = temporal
-        self.conv = operations.Conv3d(channels, channels, 3, padding=(0, 1, 1), dtype=dtype, device=device)
+        self.conv = time_conv(operations, channels, channels, dtype=dtype, device=device)
 
     def forward(self, x, mode):
-        x = F.interpolate(x, scale_factor=(1, 2, 2), mode="nearest")
-        x = self.conv(pad_time(x, mode))
+        x = conv_time(self.conv, F.interpolate(x, scale_factor=(1, 2, 2), mode="nearest"), mode)
         if not self.temporal or mode == SINGLE:
             return x
         if mode == CAUSAL:
@@ -219,6 +299,34 @@ class UpBlock3D(nn.Module):
         return x if self.upsampler is None else self.upsampler(x, mode)
 
 
+def _flat(blocks):
+    """The residual blocks and resamplers of down/up blocks, in order."""
+    for block in blocks:
+        yield from block.convs
+        resampler = getattr(block, "downsampler", None) or getattr(block, "upsampler", None)
+        if resampler is not None:
+            yield resampler
+
+
+def _run_owned(layers, box: list, mode):
+    """Run `layers` in order on the tensor in `box` (taken out), holding no other reference to any
+    layer's input, so each input is freed as early as its layer allows (`ResidualBlock3D.consume`).
+    Every input after the first is the previous layer's fresh output, which nothing else holds."""
+    for index, layer in enumerate(layers):
+        if isinstance(layer, ResidualBlock3D):
+            box.append(layer.consume(box, mode, owned=index > 0))
+        else:
+            box.append(layer(box.pop(), mode))
+            if box[-1].device.type == "cpu":
+                # After a resampler the tensors change size: give the heap memory of the finished stage back
+                # (glibc keeps freed tensors below 32 MiB for reuse), so it does not stay resident beside
+                # the larger tensors of the next stage (about 60 MiB at 128x128).
+                from ..memory import release_freed_memory
+
+                release_freed_memory()
+    return box.pop()
+
+
 def _block_kind(table, name, what):
     if name not in table:
         raise ValueError(f"Unsupported MagViT {what} block type '{name}'; EasyAnimate V2/V3 use {sorted(table)}.")
@@ -231,7 +339,7 @@ class MagvitEncoder(nn.Module):
         kw = dict(dtype=dtype, device=device, operations=operations)
         channels = config.block_out_channels
         groups = config.norm_num_groups
-        self.conv_in = operations.Conv3d(config.in_channels, channels[0], 3, padding=(0, 1, 1), dtype=dtype, device=device)
+        self.conv_in = time_conv(operations, config.in_channels, channels[0], dtype=dtype, device=device)
         self.down_blocks = nn.ModuleList()
         for i, block_type in enumerate(config.down_block_types):
             kind = _block_kind(DOWN_BLOCK_DOWNSAMPLE, block_type, "down")
@@ -241,16 +349,14 @@ class MagvitEncoder(nn.Module):
             )
         self.mid_block = MidBlock3D(channels[-1], config, **kw)
         self.conv_norm_out = operations.GroupNorm(groups, channels[-1], eps=GROUP_NORM_EPS, dtype=dtype, device=device)
-        self.conv_out = operations.Conv3d(
-            channels[-1], 2 * config.latent_channels, 3, padding=(0, 1, 1), dtype=dtype, device=device
-        )
+        self.conv_out = time_conv(operations, channels[-1], 2 * config.latent_channels, dtype=dtype, device=device)
 
     def forward(self, x, mode):
-        x = self.conv_in(pad_time(x, mode))
-        for block in self.down_blocks:
-            x = block(x, mode)
-        x = self.mid_block(x, mode)
-        return self.conv_out(pad_time(F.silu(self.conv_norm_out(x)), mode))
+        box = [conv_time(self.conv_in, x, mode)]
+        del x
+        x = self.mid_block(_run_owned(_flat(self.down_blocks), box, mode), mode)
+        x = silu_(self.conv_norm_out(x))
+        return conv_time(self.conv_out, x, mode)
 
 
 class MagvitDecoder(nn.Module):
@@ -262,9 +368,7 @@ class MagvitDecoder(nn.Module):
         kw = dict(dtype=dtype, device=device, operations=operations)
         channels = list(reversed(config.block_out_channels))
         groups = config.norm_num_groups
-        self.conv_in = operations.Conv3d(
-            config.latent_channels, channels[0], 3, padding=(0, 1, 1), dtype=dtype, device=device
-        )
+        self.conv_in = time_conv(operations, config.latent_channels, channels[0], dtype=dtype, device=device)
         self.mid_block = MidBlock3D(channels[0], config, **kw)
         self.up_blocks = nn.ModuleList()
         for i, block_type in enumerate(config.up_block_types):
@@ -274,15 +378,16 @@ class MagvitDecoder(nn.Module):
                 UpBlock3D(channels[max(i - 1, 0)], channels[i], config.layers_per_block + 1, groups, None if last else kind, **kw)
             )
         self.conv_norm_out = operations.GroupNorm(groups, channels[-1], eps=GROUP_NORM_EPS, dtype=dtype, device=device)
-        self.conv_out = operations.Conv3d(channels[-1], config.in_channels, 3, padding=(0, 1, 1), dtype=dtype, device=device)
+        self.conv_out = time_conv(operations, channels[-1], config.in_channels, dtype=dtype, device=device)
 
     def stem(self, z, mode):
-        return self.mid_block(self.conv_in(pad_time(z, mode)), mode)
+        return self.mid_block(conv_time(self.conv_in, z, mode), mode)
 
     def upsample(self, x, mode):
-        for block in self.up_blocks:
-            x = block(x, mode)
-        return self.conv_out(pad_time(F.silu(self.conv_norm_out(x)), mode))
+        box = [x]
+        del x
+        x = silu_(self.conv_norm_out(_run_owned(_flat(self.up_blocks), box, mode)))
+        return conv_time(self.conv_out, x, mode)
 
     def forward(self, z, mode):
         return self.upsample(self.stem(z, mode), mode)

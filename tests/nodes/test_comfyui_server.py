@@ -135,6 +135,8 @@ def tiny(graph: dict) -> dict:
             inputs["lora_name"] = "style_a.safetensors"
         elif kind == "EasyAnimateSampler":
             inputs.update(width=SIZE, height=SIZE, frames=FRAMES, steps=STEPS)
+        elif kind == "MuLTIVideoTextScore":
+            inputs["frames_per_video"] = FRAMES
     return graph
 
 

@@ -152,3 +152,15 @@ def test_bad_inputs_give_clear_errors(standalone):
         decode(standalone, vae, {"samples": torch.zeros(1, 4, 4, 4)})
     with pytest.raises(ValueError, match="t5 output"):
         nodes(standalone)["EasyAnimateT5Encode"]().encode("x", "y", True)
+
+
+def test_batch_of_candidates_are_the_single_runs_with_consecutive_seeds(standalone):
+    model, vae, t5 = load(standalone)
+    embeds = encode(standalone, t5)
+    batch = sample(standalone, model, embeds, vae, seed=7, batch_size=3)["samples"]
+    assert batch.shape == (3, 4, 2, 4, 4)
+    for i in range(3):
+        single = sample(standalone, model, embeds, vae, seed=7 + i)["samples"]
+        assert torch.equal(batch[i:i + 1], single)
+    frames = decode(standalone, vae, {"samples": batch})
+    assert frames.shape == (3 * 8, 32, 32, 3)  # the videos back to back, as MuLTI Video-Text Score splits them

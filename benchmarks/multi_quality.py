@@ -1,0 +1,120 @@
+"""Quality of the shipped small MuLTI model on held-out synthetic clips, with the two ablations.
+
+For each variant: text-to-video retrieval R@1 / R@5 over a gallery of distinct-caption clips (VTC ranking,
+VTM re-ranking of the top 16; R@1 of VTC alone too), multiple-choice QA accuracy per question type
+(colour / shape / direction / background, 4 word options scored by the MCM head) and overall, open-ended
+QA accuracy, and tag mAP. The evaluation clips come from seeds training never uses; half of them show
+colour/shape pairs held out of training.
+
+Variants (the same schedule as the shipped model, see its training.json):
+    shipped       text-guided pooling, pretrained with VTC + VTM + MLM + MCM
+    no MCM        pretrained without MCM (finetuning identical)
+    plain pool    sampler residual "adapt_pool": adaptive average pooling, no text guidance
+
+    python benchmarks/multi_quality.py                                   # shipped model only
+    python benchmarks/multi_quality.py --runs RUNS                       # + RUNS/no-mcm/model, RUNS/adapt-pool/model
+    python benchmarks/multi_quality.py --train-ablations --runs RUNS     # train the missing ablations first
+    python benchmarks/multi_quality.py --model FOLDER --clips 256 --json out.json
+
+Targets for the shipped model: R@1 >= 50 %, MC-QA >= 85 %, tag mAP >= 0.9.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+ABLATIONS = {"no-mcm": ("no MCM", {"mcm": False}),
+             "adapt-pool": ("plain pool (no text guidance)", {"residual_mode": "adapt_pool"})}
+
+
+def train_ablation(name: str, runs: Path, schedule: dict, data: str | None, threads: int) -> Path:
+    """Train ablation `name` with the shipped model's schedule into runs/name (resumes if started)."""
+    from easyanimate.multi.train import MultiTrainConfig, train_multi
+
+    fields = {k: v for k, v in schedule.items() if k in MultiTrainConfig.__dataclass_fields__}
+    fields.update(out=str(runs / name), threads=threads, eval_clips=0, stop_at=None, init=None,
+                  **ABLATIONS[name][1])
+    if data:
+        fields["data"] = data
+    elif fields.get("data") and not Path(fields["data"]).is_dir():
+        fields["data"] = None
+    folder = train_multi(MultiTrainConfig(**fields))
+    return folder
+
+
+def main(argv=None) -> int:
+    import numpy as np
+    import torch
+
+    from easyanimate.multi import data as D
+    from easyanimate.multi.cli import demo_model_path
+    from easyanimate.multi.evaluate import evaluate_bundle, format_metrics, summary_row
+    from easyanimate.multi.io import load_multi
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="the main model folder (default: the shipped MuLTI-demo-64px)")
+    p.add_argument("--runs", default=None, help="folder with the ablation runs (no-mcm/model, adapt-pool/model)")
+    p.add_argument("--train-ablations", action="store_true", help="train ablations missing from --runs first")
+    p.add_argument("--data", default=None, help="training data folder to share with the ablation runs")
+    p.add_argument("--clips", type=int, default=128, help="evaluation gallery size (>= 64)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rerank-k", type=int, default=16)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", default=None, help="write every variant's metrics to this file")
+    p.add_argument("--verbose", action="store_true", help="print every metric of every variant")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    main_folder = Path(args.model) if args.model else demo_model_path()
+    variants = [("shipped" if args.model is None else main_folder.name, main_folder)]
+    if args.runs or args.train_ablations:
+        runs = Path(args.runs or "runs/multi-ablations")
+        schedule_file = main_folder / "training.json"
+        schedule = json.loads(schedule_file.read_text())["train_config"] if schedule_file.is_file() else {}
+        for name, (label, _) in ABLATIONS.items():
+            folder = runs / name / "model"
+            if not (folder / "config.json").is_file():
+                if not args.train_ablations:
+                    print(f"skipping '{label}': no model at {folder} (use --train-ablations)")
+                    continue
+                started = time.time()
+                print(f"training ablation '{label}' into {runs / name}")
+                train_ablation(name, runs, schedule, args.data, args.threads)
+                print(f"trained '{label}' in {time.time() - started:.0f} s")
+            variants.append((label, folder))
+
+    specs = D.eval_clips(args.clips, args.seed)
+    clips = np.stack([D.render(s) for s in specs])
+    rows, everything = [], {}
+    for label, folder in variants:
+        started = time.time()
+        bundle = load_multi(folder)
+        metrics = evaluate_bundle(bundle, clips, specs, rerank_k=args.rerank_k, seed=args.seed)
+        everything[label] = metrics
+        rows.append((label, summary_row(metrics), time.time() - started))
+        if args.verbose:
+            print(f"== {label} ({folder})\n{format_metrics(metrics)}")
+
+    n_held = sum(s.held_out for s in specs)
+    print(f"MuLTI quality on {len(specs)} held-out synthetic clips ({n_held} with held-out colour/shape pairs), "
+          f"gallery of {len(specs)} distinct captions, VTM re-rank top {args.rerank_k}")
+    columns = list(rows[0][1])
+    head = "| variant | " + " | ".join(columns) + " |"
+    print(head)
+    print("|" + "---|" * (len(columns) + 1))
+    for label, row, _ in rows:
+        cells = [f"{v:.3f}" if k == "tag mAP" else f"{v:.1f}" for k, v in row.items()]
+        print(f"| {label} | " + " | ".join(cells) + " |")
+    print("(R@k and QA in %; MC chance 25 %; open QA over", len(bundle.config.answers), "answers)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(everything, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

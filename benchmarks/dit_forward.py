@@ -40,6 +40,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from process_memory import status_kib
+
 ROOT = Path(__file__).resolve().parent.parent
 
 SIZES = {
@@ -58,11 +60,6 @@ BUDGET_MB = {"full": 8, "small": 4, "smoke": 0.05}
 SWAP_BLOCKS = 4
 
 
-def _status(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(field)
 
 
 def _config(name: str) -> dict:
@@ -115,13 +112,13 @@ def child(args) -> None:
     from easyanimate.models.transformer import EasyAnimateTransformer3D, TransformerConfig
 
     torch.set_num_threads(args.threads)
-    base = _status("VmRSS")
+    base = status_kib("VmRSS") * 1024
     cfg = TransformerConfig.from_dict(_config(args.config), "v3")
     with torch.device("meta"):
         model = EasyAnimateTransformer3D(cfg)
     _materialise(model, torch.Generator().manual_seed(0), fp8=args.mode == "fp8")
     model.eval().requires_grad_(False)
-    built = _status("VmRSS")
+    built = status_kib("VmRSS") * 1024
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
 
     b, f, h, w, tokens = SHAPES[args.config]
@@ -159,7 +156,7 @@ def child(args) -> None:
     print(json.dumps({
         "config": args.config, "mode": args.mode, "weights_bytes": weights,
         "params": sum(p.numel() for p in model.parameters()),
-        "base_rss": base, "built_rss": built, "peak_rss": _status("VmHWM"),
+        "base_rss": base, "built_rss": built, "peak_rss": status_kib("VmHWM") * 1024,
         "median_s": statistics.median(times[1:]), "runs": len(times) - 1, "warmup_s": times[0],
         "median_cpu_s": statistics.median(cpu[1:]),
         "plan": plan, "most_blocks": most_blocks, "budget_mb": BUDGET_MB[args.config] if args.mode == "budget" else None,

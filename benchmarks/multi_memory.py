@@ -38,6 +38,8 @@ import sys
 import time
 from pathlib import Path
 
+from process_memory import reset_peak, status_kib
+
 ROOT = Path(__file__).resolve().parent.parent
 FULL = {"dim": 768, "heads": 12, "layers": 4, "grid": [16, 4, 4], "patch_side": 14, "guide_dim": 256, "keep": 64,
         "frames": [4, 8, 16, 32, 64], "texts": [32, 128, 512], "text_at": 16, "long": (64, 512)}
@@ -47,35 +49,18 @@ GROWTH_TOLERANCE = 1.25
 RATIO_LIMIT = 0.25
 
 
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _trim_heap() -> None:
-    """Give freed heap memory back to the OS so RSS reflects live tensors only."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
-def _reset_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
 
 
 def child(args) -> None:
     """One (fusion, T, L) configuration in its own process; prints one JSON line."""
     sys.path.insert(0, str(ROOT))
     import torch
+
+    from easyanimate.memory import release_freed_memory
 
     from easyanimate.multi.config import SamplerConfig
     from easyanimate.multi.sampler import build_fusion
@@ -109,13 +94,13 @@ def child(args) -> None:
     video, text, mask = inputs(args.batch, args.frames, args.text)
     module.zero_grad(set_to_none=True)
     gc.collect()
-    _trim_heap()
-    before = _status_kib("VmRSS")
-    reset = _reset_peak()
+    release_freed_memory()
+    before = status_kib("VmRSS")
+    reset = reset_peak()
     start = time.perf_counter()
     step(video, text, mask)
     times = [time.perf_counter() - start]
-    peak = _status_kib("VmHWM")
+    peak = status_kib("VmHWM")
     if times[0] <= args.slow_seconds:
         for _ in range(args.repeats - 1):
             start = time.perf_counter()

@@ -35,6 +35,8 @@ import sys
 import time
 from pathlib import Path
 
+from process_memory import reset_peak, status_kib
+
 ROOT = Path(__file__).resolve().parent.parent
 TOLERANCE = 0.15
 NOISE_MIB = 2.0
@@ -45,35 +47,18 @@ SMOKE = {"ch": 8, "ch_mult": [1, 2, 4, 4], "norm_num_groups": 4}
 REFERENCE_128 = {16: (652, 25), 48: (687, 77), 144: (722, 207)}
 
 
-def _rss_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _trim_heap() -> None:
-    """Give freed heap memory back to the OS so RSS reflects live tensors only."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
-def _reset_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
 
 
 def child(args) -> None:
     """One configuration, in its own process; prints one JSON line."""
     sys.path.insert(0, str(ROOT))
     import torch
+
+    from easyanimate.memory import release_freed_memory
 
     from easyanimate.vae import build_vae
 
@@ -97,13 +82,13 @@ def child(args) -> None:
     vae.decode_video(warm, smooth=bool(args.smooth), generator=torch.Generator().manual_seed(1), memory_budget=budget)
     del warm
     gc.collect()
-    _trim_heap()
-    before = _rss_kib("VmRSS")
-    reset = _reset_peak()
+    release_freed_memory()
+    before = status_kib("VmRSS")
+    reset = reset_peak()
     start = time.perf_counter()
     out = run()
     first = time.perf_counter() - start
-    peak = _rss_kib("VmHWM")
+    peak = status_kib("VmHWM")
     output_bytes = out.numel() * out.element_size()
     del out
     times = [first]
@@ -111,7 +96,7 @@ def child(args) -> None:
         start = time.perf_counter()
         run()
         times.append(time.perf_counter() - start)
-        peak = max(peak, _rss_kib("VmHWM"))
+        peak = max(peak, status_kib("VmHWM"))
     tiling = vae.tiling_for_budget(budget, (latent, latent), 8, decode=True) if budget else None
     result = {
         "frames": args.frames,

@@ -223,14 +223,14 @@ def latent_previewer(vae_handle):
 
 
 # ------------------------------------------------------------------------------------------ files
-def register_model_folders() -> None:
-    """Make `models/easyanimate` a model folder (merging into any user configuration)."""
+def register_model_folders(kind: str = MODEL_FOLDER) -> None:
+    """Make `models/<kind>` a model folder (merging into any user configuration)."""
     comfy = comfy_modules()
     if not comfy:
         return
     folder_paths = comfy[4]
-    folder_paths.add_model_folder_path(MODEL_FOLDER, os.path.join(folder_paths.models_dir, MODEL_FOLDER))
-    extensions = folder_paths.folder_names_and_paths[MODEL_FOLDER][1]
+    folder_paths.add_model_folder_path(kind, os.path.join(folder_paths.models_dir, kind))
+    extensions = folder_paths.folder_names_and_paths[kind][1]
     extensions.update(folder_paths.supported_pt_extensions)
 
 
@@ -239,12 +239,14 @@ def _standalone_folders(kind: str) -> list[Path]:
     return [Path(p) / kind for p in env.split(os.pathsep)] if env else []
 
 
-def model_roots() -> list[Path]:
+def model_roots(kind: str = MODEL_FOLDER) -> list[Path]:
+    """The folders that hold models of `kind`: ComfyUI's models/<kind> paths, or standalone
+    `$EASYANIMATE_MODELS_DIR/<kind>`."""
     comfy = comfy_modules()
     if comfy:
-        register_model_folders()
-        return [Path(p) for p in comfy[4].get_folder_paths(MODEL_FOLDER)]
-    return _standalone_folders(MODEL_FOLDER)
+        register_model_folders(kind)
+        return [Path(p) for p in comfy[4].get_folder_paths(kind)]
+    return _standalone_folders(kind)
 
 
 def list_models() -> list[str]:

@@ -44,21 +44,10 @@ def demo_models() -> dict[str, Path]:
     return {p.name: p for p in sorted(folder.iterdir()) if (p / "config.json").is_file()}
 
 
-def _roots() -> list[Path]:
-    comfy = host.comfy_modules()
-    if comfy:
-        folder_paths = comfy[4]
-        import os
-
-        folder_paths.add_model_folder_path(MODEL_FOLDER, os.path.join(folder_paths.models_dir, MODEL_FOLDER))
-        return [Path(p) for p in folder_paths.get_folder_paths(MODEL_FOLDER)]
-    return host._standalone_folders(MODEL_FOLDER)
-
-
 def list_models() -> list[str]:
     """Shipped models first, then folders with a config.json and weights under models/multi."""
     names = set()
-    for root in _roots():
+    for root in host.model_roots(MODEL_FOLDER):
         if root.is_dir():
             names |= {p.name for p in root.iterdir() if (p / "config.json").is_file()}
     demos = demo_models()
@@ -69,10 +58,10 @@ def resolve_model(name: str) -> Path:
     demos = demo_models()
     if name in demos:
         return demos[name]
-    for root in _roots():
+    for root in host.model_roots(MODEL_FOLDER):
         if (root / name / "config.json").is_file():
             return root / name
-    where = ", ".join(str(r) for r in _roots()) or f"(none: set {host.MODELS_DIR_ENV})"
+    where = ", ".join(str(r) for r in host.model_roots(MODEL_FOLDER)) or f"(none: set {host.MODELS_DIR_ENV})"
     raise FileNotFoundError(f"MuLTI model '{name}' not found. Put MuLTI model folders in models/{MODEL_FOLDER} ({where}).")
 
 

@@ -119,18 +119,7 @@ def sample_clip(rng: random.Random, *, frames: int = 16, size: int = 64, pairs=N
     speed = fixed.get("speed") or rng.choice(SPEEDS)
     radius = rng.uniform(0.14, 0.18) * size
     step = rng.uniform(*SPEED_RANGES[speed]) * size
-    travel = step * (frames - 1)
-    margin = radius + 1
-    dx, dy = syn.DIRECTIONS[direction]
-
-    def axis_start(d):
-        if d > 0:
-            return rng.uniform(margin, size - margin - travel)
-        if d < 0:
-            return rng.uniform(margin + travel, size - margin)
-        return rng.uniform(margin, size - margin)
-
-    x0, y0 = axis_start(dx), axis_start(dy)
+    x0, y0 = syn.start_position(rng, direction, radius, step * (frames - 1), size)
     template = fixed.get("template")
     if template is None:
         template = rng.randrange(len(CAPTION_TEMPLATES))

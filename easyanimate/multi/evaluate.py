@@ -22,7 +22,6 @@ import random
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from . import data as D
 
@@ -96,30 +95,20 @@ def frames_from_uint8(clips, config, train: bool = False, generator=None) -> tor
     """uint8 (B, F, H, W, 3) clips of the model's frame size -> model frames (B, T, 3, S, S): one frame per
     segment (preprocess.sample_frame_indices: the middle one, or a random one when training; in order),
     normalised. No spatial crop: position, size and speed in pixels are what the captions describe."""
-    from .preprocess import prepare_frames, sample_frame_indices
+    from .preprocess import prepare_frames
 
     clips = torch.from_numpy(np.array(clips, dtype=np.uint8)) if not torch.is_tensor(clips) else clips
-    if clips.shape[2] != config.image_size or clips.shape[3] != config.image_size:
-        return prepare_frames(clips.float().div_(255), config, train=train, generator=generator)
-    T = config.num_frames
-    picked = torch.stack([torch.as_tensor(sample_frame_indices(clips.shape[1], T, train, generator))
-                          for _ in range(clips.shape[0])])
-    video = clips.gather(1, picked.view(*picked.shape, 1, 1, 1).expand(-1, -1, *clips.shape[2:]))
-    video = video.permute(0, 1, 4, 2, 3).float().div_(255)
-    mean = torch.tensor(config.image_mean).view(1, 1, 3, 1, 1)
-    std = torch.tensor(config.image_std).view(1, 1, 3, 1, 1)
-    return (video - mean) / std
+    fits = clips.shape[2] == clips.shape[3] == config.image_size
+    return prepare_frames(clips, config, train=train, generator=generator, random_crop=not fits)
 
 
 def _as_frames(bundle, video) -> torch.Tensor:
     video = torch.as_tensor(video)
     if video.ndim == 5 and video.shape[2] == 3 and video.shape[-1] != 3:  # already prepared
         return video.float()
-    if video.dtype == torch.uint8:
-        video = video.float() / 255
     from .preprocess import prepare_frames
 
-    return prepare_frames(video.float(), bundle.config)
+    return prepare_frames(video, bundle.config)  # float in [0, 1] or uint8
 
 
 def _device(model) -> torch.device:
@@ -240,11 +229,10 @@ def evaluate_bundle(bundle, clips, specs, *, rerank_k: int = 16, batch: int = 32
         top = sim.topk(k, dim=1).indices
         reranked = sim.clone()
         for q in range(n):
-            ids_q, mask_q = ids[q:q + 1].expand(k, -1).to(device), mask[q:q + 1].expand(k, -1).to(device)
+            mask_q = mask[q:q + 1].expand(k, -1).to(device)
             fused = model.fuse(vfeats[top[q]], tfeats[q:q + 1].expand(k, -1, -1), mask_q)
             vtm = model.vtm_logits(fused).float().softmax(-1)[:, 1].cpu()
             reranked[q, top[q]] = 10.0 + vtm + sim[q, top[q]]
-            del ids_q
         tick(1)
         out["retrieval"] = recall_at_k(reranked)
     else:

@@ -44,11 +44,12 @@ def _crop_box(height: int, width: int, train: bool, generator) -> tuple[int, int
 
 
 def prepare_frames(video, config, train: bool = False, generator: torch.Generator | None = None,
-                   num_frames: int | None = None) -> torch.Tensor:
+                   num_frames: int | None = None, random_crop: bool = True) -> torch.Tensor:
     """video (T, H, W, 3) or (B, T, H, W, 3), float in [0, 1] (ComfyUI IMAGE layout; numpy or torch; uint8 0-255 too)
     -> (B, num_frames, 3, S, S) float32, normalised with the config's mean/std.
 
-    `num_frames` overrides config.num_frames (dense scoring of long clips)."""
+    `num_frames` overrides config.num_frames (dense scoring of long clips). `random_crop=False` keeps the
+    centre crop in training too (for data whose labels are positions and speeds in pixels)."""
     video = torch.as_tensor(video)
     if video.dtype == torch.uint8:  # 0-255 frames (e.g. decoded video) -> [0, 1]
         video = video.to(torch.float32) / 255.0
@@ -64,7 +65,7 @@ def prepare_frames(video, config, train: bool = False, generator: torch.Generato
     for clip in video:
         picked = clip[sample_frame_indices(clip.shape[0], count, train, generator)]
         picked = picked.to(torch.float32).permute(0, 3, 1, 2)  # (T, 3, H, W)
-        top, left, side = _crop_box(picked.shape[2], picked.shape[3], train, generator)
+        top, left, side = _crop_box(picked.shape[2], picked.shape[3], train and random_crop, generator)
         picked = picked[:, :, top: top + side, left: left + side]
         if side != size:
             picked = F.interpolate(picked, size=(size, size), mode="bilinear", align_corners=False,

@@ -404,9 +404,19 @@ def train_dit(cfg: DiTTrainConfig) -> Path:
     start, _ = load_checkpoint(run, model, optimizer, ema)
     if start:
         print(f"resuming transformer training at step {start}", flush=True)
+    if not run_diffusion_training(model, optimizer, cache, cfg, run, start, "dit", ema=ema, clip_grad=1.0):
+        return None
+    return export_release(run / "model", ema.state_dict(), config, cfg.vae, cfg.text)
+
+
+def run_diffusion_training(model, optimizer, cache, cfg, run: Path, start: int, desc: str, *, ema=None,
+                           clip_grad: float | None = None) -> bool:
+    """Steps `start`..`cfg.steps` of the diffusion objective on cached latents (shared by the DiT and LoRA
+    trainers): warm-up + cosine learning rate, optional gradient clipping and EMA, loss log, progress bar,
+    checkpoints every `cfg.save_every` steps. False when the run stopped early at `cfg.stop_at` (resume later)."""
     diffusion = Diffusion()
     log = LossLog(run, cfg.print_every, resume_step=start)
-    progress = Progress(cfg.steps, "dit", start=start)
+    progress = Progress(cfg.steps, desc, start=start)
     for step in range(start, cfg.steps):
         for group in optimizer.param_groups:
             group["lr"] = warmup_cosine(step, cfg.steps, cfg.lr, cfg.warmup)
@@ -414,21 +424,23 @@ def train_dit(cfg: DiTTrainConfig) -> Path:
         terms = training_loss(model, diffusion, batch)
         optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        extra = {}
+        if clip_grad is not None:
+            extra["grad"] = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad).item()
         optimizer.step()
-        ema.update(model, step)
+        if ema is not None:
+            ema.update(model, step)
         log.write(step + 1, loss=terms["loss"].item(), mse=terms["mse"].item(), vb=terms["vb"].item(),
-                  kind="image" if batch["image_step"] else "video", grad=grad_norm.item(),
-                  lr=optimizer.param_groups[0]["lr"])
+                  kind="image" if batch["image_step"] else "video", **extra, lr=optimizer.param_groups[0]["lr"])
         progress.update(loss=terms["loss"].item())
         if (step + 1) % cfg.save_every == 0 or step + 1 in (cfg.steps, cfg.stop_at):
             save_checkpoint(run, step + 1, model, optimizer, ema)
         if step + 1 == cfg.stop_at:
             progress.close()
             print(f"stopped at step {step + 1} of {cfg.steps}; run again to resume", flush=True)
-            return None
+            return False
     progress.close()
-    return export_release(run / "model", ema.state_dict(), config, cfg.vae, cfg.text)
+    return True
 
 
 def export_release(folder, transformer_state: dict, transformer_config: dict, vae_source, text_source) -> Path:

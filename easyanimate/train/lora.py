@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .common import LossLog, Progress, load_checkpoint, save_checkpoint, start_run, warmup_cosine
+from .common import load_checkpoint, start_run
 
 PREFIX = "lora_unet"
 
@@ -100,7 +100,7 @@ def train_lora(cfg: LoRATrainConfig) -> Path:
     from safetensors.torch import save_file
 
     from ..loading import load_transformer
-    from .dit import Diffusion, cached_latents, make_batch, training_loss
+    from .dit import cached_latents, run_diffusion_training
 
     run, _ = start_run(cfg)
     cache = cached_latents(run, cfg.data, cfg.model, cfg.model, cfg.frames, cfg.seed)
@@ -114,27 +114,8 @@ def train_lora(cfg: LoRATrainConfig) -> Path:
     print(f"LoRA: {len(wrappers)} layers, rank {cfg.rank}, {sum(p.numel() for p in trainable):,} parameters", flush=True)
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
     start, _ = load_checkpoint(run, model, optimizer)
-    diffusion = Diffusion()
-    log = LossLog(run, cfg.print_every, resume_step=start)
-    progress = Progress(cfg.steps, "lora", start=start)
-    for step in range(start, cfg.steps):
-        for group in optimizer.param_groups:
-            group["lr"] = warmup_cosine(step, cfg.steps, cfg.lr, cfg.warmup)
-        batch = make_batch(cache, cfg, step)
-        terms = training_loss(model, diffusion, batch)
-        optimizer.zero_grad(set_to_none=True)
-        terms["loss"].backward()
-        optimizer.step()
-        log.write(step + 1, loss=terms["loss"].item(), mse=terms["mse"].item(), vb=terms["vb"].item(),
-                  kind="image" if batch["image_step"] else "video", lr=optimizer.param_groups[0]["lr"])
-        progress.update(loss=terms["loss"].item())
-        if (step + 1) % cfg.save_every == 0 or step + 1 in (cfg.steps, cfg.stop_at):
-            save_checkpoint(run, step + 1, model, optimizer)
-        if step + 1 == cfg.stop_at:
-            progress.close()
-            print(f"stopped at step {step + 1} of {cfg.steps}; run again to resume", flush=True)
-            return None
-    progress.close()
+    if not run_diffusion_training(model, optimizer, cache, cfg, run, start, "lora"):
+        return None
     path = run / cfg.name
     metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(cfg.rank), "ss_network_alpha": str(cfg.alpha),
                 "ss_base_model": str(cfg.model), "ss_steps": str(cfg.steps), "easyanimate_format": "lora_unet"}

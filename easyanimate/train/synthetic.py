@@ -90,10 +90,18 @@ def sample_spec(rng: random.Random, *, frames: int = 16, size: int = 64, pairs=N
     background = background or rng.choice(list(BACKGROUNDS))
     radius = rng.uniform(0.14, 0.18) * size
     speed = rng.uniform(0.022, 0.034) * size  # 16 frames travel 35-55 % of the frame
-    travel = speed * (frames - 1)
+    x0, y0 = start_position(rng, direction, radius, speed * (frames - 1), size)
+    if template is None:
+        template = 0 if rng.random() < 0.6 else rng.randrange(1, len(CAPTION_TEMPLATES))
+    return ClipSpec(colour, shape, direction, background, radius, speed, x0, y0, template)
+
+
+def start_position(rng: random.Random, direction: str, radius: float, travel: float, size: int) -> tuple[float, float]:
+    """A random centre at frame 0 from which a shape of `radius` travels `travel` pixels towards
+    `direction` without leaving the frame: along the motion axis the whole path must fit; across it, anywhere."""
     margin = radius + 1
     dx, dy = DIRECTIONS[direction]
-    # Along the motion axis the whole path must fit; across it, anywhere.
+
     def axis_start(step):
         if step > 0:
             return rng.uniform(margin, size - margin - travel)
@@ -101,10 +109,7 @@ def sample_spec(rng: random.Random, *, frames: int = 16, size: int = 64, pairs=N
             return rng.uniform(margin + travel, size - margin)
         return rng.uniform(margin, size - margin)
 
-    x0, y0 = axis_start(dx), axis_start(dy)
-    if template is None:
-        template = 0 if rng.random() < 0.6 else rng.randrange(1, len(CAPTION_TEMPLATES))
-    return ClipSpec(colour, shape, direction, background, radius, speed, x0, y0, template)
+    return axis_start(dx), axis_start(dy)
 
 
 def caption(spec: ClipSpec, template: int | None = None) -> str:

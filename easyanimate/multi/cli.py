@@ -24,11 +24,14 @@ def add_subcommands(commands) -> None:
         description="Train MuLTI on synthetic moving-shape clips. 'all' = pretraining (VTC+VTM+MLM+MCM) then "
                     "joint finetuning (retrieval, multiple-choice and open-ended QA, tags). Finetuning tasks alone "
                     "start from --init. Runs resume from OUT/checkpoint.pt when started again.")
-    t.add_argument("task", choices=["pretrain", "retrieval", "qa", "tags", "finetune", "all"],
-                   help="what to train (qa = multiple-choice + open-ended; finetune = every downstream task)")
+    t.add_argument("task", choices=["motion", "pretrain", "retrieval", "qa", "tags", "finetune", "all"],
+                   help="what to train (qa = multiple-choice + open-ended; finetune = every downstream task; "
+                        "motion = direction and speed questions only, to start the video encoder of a run)")
     t.add_argument("--out", required=True, help="run folder (data/, checkpoint.pt, loss.jsonl, model/, eval.json)")
     t.add_argument("--config", default="multi-tiny", help="model preset name or JSON file (default multi-tiny)")
     t.add_argument("--init", default=None, help="model folder to start from (finetuning tasks)")
+    t.add_argument("--init-vision", default=None,
+                   help="model folder whose video encoder starts a fresh model (e.g. a 'motion' run's model)")
     t.add_argument("--steps", type=int, default=1000, help="pretraining steps (all, pretrain) or finetuning steps")
     t.add_argument("--finetune-steps", type=int, default=500, help="joint finetuning steps after pretraining (all)")
     t.add_argument("--batch", type=int, default=32)
@@ -38,6 +41,10 @@ def add_subcommands(commands) -> None:
     t.add_argument("--clips", type=int, default=4000, help="training clips to render (once, into the data folder)")
     t.add_argument("--data", default=None, help="data folder to use/share (default OUT/data)")
     t.add_argument("--data-seed", type=int, default=1)
+    t.add_argument("--twin-fraction", type=float, default=0.0,
+                   help="share of each batch drawn as pairs of clips differing in one attribute (hard negatives)")
+    t.add_argument("--held-out-pairs", action="store_true",
+                   help="train on every colour/shape pair, the held-out ones included (as the shipped model)")
     t.add_argument("--no-mcm", action="store_true", help="pretrain without MCM (ablation)")
     t.add_argument("--mcm-distractors", default="mixed", choices=["hard", "swap", "mixed"],
                    help="MCM distractor captions: VTC hard negatives, attribute swaps, or half/half (default)")
@@ -68,14 +75,16 @@ def add_subcommands(commands) -> None:
 def cmd_multi_train(args) -> int:
     from .train import MultiTrainConfig, train_multi
 
-    cfg = MultiTrainConfig(out=args.out, task=args.task, config=args.config, init=args.init, steps=args.steps,
+    cfg = MultiTrainConfig(out=args.out, task=args.task, config=args.config, init=args.init,
+                           init_vision=args.init_vision, steps=args.steps,
                            finetune_steps=args.finetune_steps, batch=args.batch, lr=args.lr,
                            finetune_lr=args.finetune_lr, warmup=args.warmup, clips=args.clips, data=args.data,
-                           data_seed=args.data_seed, mcm=not args.no_mcm, mcm_distractors=args.mcm_distractors,
+                           data_seed=args.data_seed, held_out_pairs=args.held_out_pairs, mcm=not args.no_mcm,
+                           mcm_distractors=args.mcm_distractors, twin_fraction=args.twin_fraction,
                            residual_mode=args.residual_mode, eval_clips=args.eval_clips, seed=args.seed,
                            threads=args.threads, stop_at=args.stop_at, save_every=args.save_every,
                            log_every=args.log_every, quiet=args.quiet)
-    if cfg.task != "all" and cfg.task != "pretrain" and not cfg.init:
+    if cfg.task not in ("all", "pretrain", "motion") and not cfg.init:
         print("note: finetuning from a fresh model (no --init)")
     folder = train_multi(cfg)
     if folder is not None:

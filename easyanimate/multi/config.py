@@ -24,6 +24,8 @@ PRESET_DIR = Path(__file__).resolve().parent / "configs"
 RESIDUAL_MODES = ("adapt_pool", "text_guided_pool", "attn_pool", "learned_query")
 FUSIONS = ("sampler", "flatten")
 VISION_BACKBONES = ("vit", "clip")
+POSITION_INITS = ("normal", "sincos")
+VIDEO_ATTENTIONS = ("frame", "joint")
 
 
 @dataclass
@@ -99,6 +101,25 @@ class MuLTIConfig:
     tags: list = field(default_factory=list)  # multi-label tag names (tag head width)
     answers: list = field(default_factory=list)  # open-ended QA answer vocabulary (QA head width)
     gradient_checkpointing: bool = False  # per ViT block; worth it for T >= 16 when training
+    # Where a model trained from scratch learns place and time from (our design, not the paper's):
+    # "normal": the encoders' own init and std-0.02 temporal/slot tables (the paper starts from CLIP, whose
+    # position embeddings are already trained); "sincos": fixed-frequency sine/cosine tables at the scale of
+    # the tokens for the ViT patches (y, x), the temporal embedding (t) and the sampler's slots (t', y', x'),
+    # so where and when a token is stays visible next to post-LayerNorm features from the first step.
+    position_init: str = "normal"
+    # Transformer layers over the frame [CLS] tokens across time, after the temporal embedding (0: none,
+    # the paper's layout, where all cross-frame mixing happens in the sampler). The VTC video embedding
+    # and the sampler's video [CLS] are means over frames, so without them neither sees frame order.
+    temporal_layers: int = 0
+    # "frame": the ViT attends within each frame (the paper); "joint": its layers attend over the tokens of
+    # all frames of a clip at once (ViViT's joint space-time attention; the temporal embedding is added to
+    # the ViT's input too), so motion can be read where the pixels are. Cost grows with T^2.
+    video_attention: str = "frame"
+    # Neighbouring frames each ViT frame token sees (our design): 0 = the frame alone (the paper); k > 0 =
+    # the sampled frames t-k..t+k are stacked as channels (edges repeat the first/last frame) and the patch
+    # embedding reads them all, so each patch token carries local motion, as a 3D-convolution stem does.
+    # Its weights are 3·(2k+1) input channels; a 3-channel (CLIP/ViT) checkpoint fills the middle frame's.
+    frame_context: int = 0
 
     def __post_init__(self):
         if isinstance(self.sampler, dict):
@@ -109,6 +130,14 @@ class MuLTIConfig:
         self.image_std = tuple(float(x) for x in self.image_std)
         self.special_token_ids = tuple(int(x) for x in self.special_token_ids)
         self.tags, self.answers = list(self.tags), list(self.answers)
+        if self.position_init not in POSITION_INITS:
+            raise EasyAnimateError(f"position_init must be one of {POSITION_INITS}, got '{self.position_init}'.")
+        if self.video_attention not in VIDEO_ATTENTIONS:
+            raise EasyAnimateError(f"video_attention must be one of {VIDEO_ATTENTIONS}, got '{self.video_attention}'.")
+        if self.frame_context < 0:
+            raise EasyAnimateError(f"frame_context must be 0 or more, got {self.frame_context}.")
+        if self.temporal_layers < 0:
+            raise EasyAnimateError(f"temporal_layers must be 0 or more, got {self.temporal_layers}.")
         if self.vision_backbone not in VISION_BACKBONES:
             raise EasyAnimateError(f"vision_backbone must be one of {VISION_BACKBONES}, got '{self.vision_backbone}'.")
         d_vision, d_text = self.vision.get("hidden_size"), self.text.get("hidden_size")
@@ -126,6 +155,11 @@ class MuLTIConfig:
     @property
     def patch_size(self) -> int:
         return int(self.vision.get("patch_size", 16))
+
+    @property
+    def vision_channels(self) -> int:
+        """Input channels of the patch embedding: RGB of the frame and of its `frame_context` neighbours each side."""
+        return 3 * (2 * self.frame_context + 1)
 
     @property
     def patch_grid(self) -> tuple[int, int]:

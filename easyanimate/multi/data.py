@@ -14,10 +14,12 @@ multiple-choice questions with 4 word options ("what colour is the shape?" red /
 open-ended questions with a one-word answer, multi-label tags (one per attribute value), MCM items
 for pretraining (template question + 4 captions), and retrieval galleries with distinct captions.
 
-Splits: training clips never show the synthetic module's `HELD_OUT_PAIRS` colour/shape pairs; the
-evaluation set (`eval_clips`) mixes held-out pairs and seen pairs, drawn from a seed range that
-training never uses, with distinct (colour, shape, direction, background) per clip, so every gallery
-caption is unique and R@1 is well defined.
+Splits: the evaluation set (`eval_clips`) mixes the synthetic module's `HELD_OUT_PAIRS` colour/shape
+pairs and the other ("seen") pairs, drawn from a seed range that training never uses, with distinct
+(colour, shape, direction, background) per clip, so every gallery caption is unique and R@1 is well
+defined. Training clips show only seen pairs (`train_clips`), unless `held_out_pairs=True`: a scorer
+for the demo model's videos must know every prompt it can be given, held-out ones included (a model
+that never saw them answers 0 % of their shape questions: it learns which shapes each colour never has).
 
 Clips are pure functions of their `MultiClip`, and `MultiClip`s of a seed (python's `random.Random`).
 `render_dataset` writes the rendered clips once as uint8 (`clips.npy`, N x F x H x W x 3) plus
@@ -189,10 +191,15 @@ def vocabulary_words() -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------ sets
-def train_clips(count: int, seed: int, *, frames: int = 16, size: int = 64) -> list[MultiClip]:
-    """`count` random clips of seen colour/shape pairs (never a held-out pair)."""
+def all_pairs() -> list[tuple[str, str]]:
+    return [(c, s) for c in COLOURS for s in SHAPES]
+
+
+def train_clips(count: int, seed: int, *, frames: int = 16, size: int = 64, held_out_pairs: bool = False) -> list[MultiClip]:
+    """`count` random clips: of seen colour/shape pairs only, or with `held_out_pairs` of every pair."""
     rng = random.Random(seed)
-    return [sample_clip(rng, frames=frames, size=size) for _ in range(count)]
+    pairs = all_pairs() if held_out_pairs else seen_pairs()
+    return [sample_clip(rng, frames=frames, size=size, pairs=pairs) for _ in range(count)]
 
 
 def eval_clips(count: int = 128, seed: int = 0, *, held_out_fraction: float = 0.5, frames: int = 16,

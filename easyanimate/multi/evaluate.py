@@ -247,7 +247,7 @@ def evaluate_bundle(bundle, clips, specs, *, rerank_k: int = 16, batch: int = 32
 
     # multiple-choice QA
     rng = random.Random(seed)
-    correct, types = [], []
+    correct, types, owners = [], [], []
     for start in range(0, n, batch):
         index, questions, options, labels, kinds = [], [], [], [], []
         for i in range(start, min(n, start + batch)):
@@ -262,8 +262,13 @@ def evaluate_bundle(bundle, clips, specs, *, rerank_k: int = 16, batch: int = 32
         logits = model.mcm_logits(fused).float().view(len(labels), -1).cpu()
         correct += (logits.argmax(1) == torch.tensor(labels)).tolist()
         types += kinds
+        owners += [i for i in range(start, min(n, start + batch)) for _ in D.MC_TYPES]
         tick(1)
     out["mc"] = accuracy_by_type(correct, types)
+    for name, split in (("held-out", True), ("seen", False)):
+        picked = [ok for ok, i in zip(correct, owners) if bool(held[i]) == split]
+        if picked:
+            out["mc"][f"overall {name}"] = 100.0 * sum(picked) / len(picked)
 
     # open-ended QA
     answers = list(config.answers)

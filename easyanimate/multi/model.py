@@ -17,6 +17,13 @@ VTC uses the encoders' own [CLS] features *before* fusion (cacheable for retriev
 Video-only uses (tagging with no text, caching): `fuse` needs some text; pass a fixed prompt, e.g. the
 tokenizer's "[CLS] [SEP]", with `guided=False` so the block pooling is plain adaptive average pooling.
 
+Seeing motion when trained from scratch (config keys, our design; the defaults are the paper's layout):
+`position_init="sincos"` (place and time as sine/cosine tables at token scale), `temporal_layers`
+(a small transformer over the frame [CLS] tokens), `video_attention="joint"` (the ViT attends across
+frames) and `frame_context` (each frame token reads its neighbouring frames). The shipped small model
+uses the first, second and fourth: with frame_context 0, training on direction questions alone stayed
+at chance (325 steps per-frame, 800 steps joint); with 2 it passed 95 % after 350 steps.
+
 Encoders come from `transformers` (imported when a model is built, not when this module is imported):
 `ViTModel` or `CLIPVisionModel` and `BertModel`. `init_vision_from` / `init_text_from` fill them from a
 user's Hugging Face checkpoint folder (or file, or state dict) and report missing / unexpected keys.
@@ -71,7 +78,7 @@ class InitReport:
 
 
 def _build_vision(config: MuLTIConfig) -> nn.Module:
-    vision = {**config.vision, "image_size": config.image_size}
+    vision = {**config.vision, "image_size": config.image_size, "num_channels": config.vision_channels}
     if config.vision_backbone == "clip":
         from transformers import CLIPVisionConfig, CLIPVisionModel
 
@@ -93,6 +100,12 @@ class MuLTI(nn.Module):
         if config.gradient_checkpointing:
             self.vision_encoder.gradient_checkpointing_enable()
         self.temporal_embed = nn.Parameter(torch.randn(config.max_frames, d) * 0.02)
+        self.temporal_encoder = None
+        if config.temporal_layers:
+            heads = int(config.vision.get("num_attention_heads", config.text.get("num_attention_heads", 12)))
+            layer = nn.TransformerEncoderLayer(d, heads, 4 * d, dropout=0.0, activation="gelu", batch_first=True,
+                                               norm_first=True)
+            self.temporal_encoder = nn.TransformerEncoder(layer, config.temporal_layers, enable_nested_tensor=False)
 
         # VTC: unimodal [CLS] features -> embed_dim, L2-normalised; learnable temperature.
         self.video_proj = nn.Linear(d, config.embed_dim)
@@ -112,6 +125,42 @@ class MuLTI(nn.Module):
         self.vision_adapter = self.text_adapter = None
         if config.adapter.enable:
             self._attach_adapters()
+        if config.position_init == "sincos":
+            self._init_positions_sincos()
+        self._clip_frames = None  # frames per clip while encode_video runs (joint attention)
+        if config.video_attention == "joint":
+            first_layer = self._vision_parts()[1][0]
+            first_layer.register_forward_pre_hook(self._join_frames, with_kwargs=True)
+
+    def _join_frames(self, layer, args, kwargs):
+        """Pre-hook of the first ViT layer (video_attention "joint"): the per-frame token rows
+        (B·T, 1 + N, d) become one row per clip (B, T·(1 + N), d), with the temporal embedding added, so
+        every layer attends across frames. The encoders' own code runs unchanged; the final LayerNorm is
+        per token, so the output only needs to be viewed back."""
+        frames = self._clip_frames
+        if frames is None:  # the ViT called on its own, not through encode_video: frames stay apart
+            return None
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        BT, P, d = hidden.shape
+        hidden = (hidden.view(BT // frames, frames, P, d) + self.temporal_embedding(frames)[None, :, None]).flatten(1, 2)
+        return (hidden, *args[1:]), kwargs
+
+    def _init_positions_sincos(self) -> None:
+        """config.position_init == "sincos": the ViT patch positions (y, x), the temporal embedding (t) and
+        the sampler's video slots (t', y', x') start as sine/cosine tables; [CLS] rows start at zero."""
+        d = self.config.hidden_size
+        with torch.no_grad():
+            if self.config.vision_backbone == "clip":
+                table = self._clip_tower().embeddings.position_embedding.weight  # (1 + N, d)
+            else:
+                table = self.vision_encoder.embeddings.position_embeddings[0]  # (1 + N, d)
+            table[0] = 0
+            table[1:] = sincos_table(self.config.patch_grid, d)
+            self.temporal_embed.copy_(sincos_table((self.config.max_frames,), d))
+            slots = getattr(self.fusion, "slot_embed", None)
+            if slots is not None:
+                slots[0] = 0
+                slots[1:] = sincos_table(self.config.sampler.grid, d)
 
     # ------------------------------------------------------------------------------------------------
     # Encoders
@@ -150,23 +199,33 @@ class MuLTI(nn.Module):
         """frames (B, T, 3, S, S), normalised (preprocess.prepare_frames) -> (B, T, 1 + N, d).
 
         The ViT sees each frame on its own; the temporal embedding is added to every token of frame t
-        afterwards, and all cross-frame mixing happens in the sampler (spec §1.2)."""
+        afterwards. Cross-frame mixing happens in the sampler (spec §1.2) and, with `config.temporal_layers`,
+        in a small transformer over the frame [CLS] tokens, which replace the [CLS] tokens of the output."""
         B, T = frames.shape[:2]
+        k = self.config.frame_context
+        if k:  # each frame with its k neighbours each side, stacked as channels (edges repeat)
+            window = (torch.arange(T)[:, None] + torch.arange(-k, k + 1)).clamp(0, T - 1).to(frames.device)
+            frames = frames[:, window].flatten(2, 3)  # (B, T, 3·(2k+1), S, S)
         pixels = frames.flatten(0, 1).to(self.temporal_embed.dtype)
         resized = pixels.shape[-1] != self.config.image_size
         if self.vision_adapter is not None and self.config.adapter.video_scope == "clip":
             self.vision_adapter.frames = T
+        self._clip_frames = T
         try:
             hidden = self.vision_encoder(pixel_values=pixels, interpolate_pos_encoding=resized).last_hidden_state
         finally:
+            self._clip_frames = None
             if self.vision_adapter is not None:
                 self.vision_adapter.frames = None
         if self.config.vision_backbone == "clip":
             # CLIP's last_hidden_state is before its final LayerNorm (applied only to the pooled [CLS]);
             # normalise every token so both backbones hand the sampler LayerNorm-ed features, as BERT does.
             hidden = self._clip_tower().post_layernorm(hidden)
-        hidden = hidden.view(B, T, hidden.shape[1], hidden.shape[2])
-        return hidden + self.temporal_embedding(T)[None, :, None]
+        hidden = hidden.reshape(B, T, -1, hidden.shape[-1]) + self.temporal_embedding(T)[None, :, None]
+        if self.temporal_encoder is not None:
+            frame_cls = self.temporal_encoder(hidden[:, :, 0])  # (B, T, d), mixed across time
+            hidden = torch.cat([frame_cls.unsqueeze(2), hidden[:, :, 1:]], 2)
+        return hidden
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """input_ids, attention_mask (B, L) -> (B, L, d)."""
@@ -234,7 +293,10 @@ class MuLTI(nn.Module):
         model.safetensors (or shards, or a .bin read with weights_only), one weights file, or a state dict.
         Keys may carry a "vit." / "vision_model." / "model." prefix; CLIP text-tower keys are reported as
         unexpected. Report names are in the Hub layout (see `hub_layout`)."""
-        return _load_into(self.vision_encoder, _read_state_dict(source), "vision encoder", source)
+        state = _read_state_dict(source)
+        if self.config.frame_context:
+            state = _inflate_patch_embedding(state, self.config.frame_context)
+        return _load_into(self.vision_encoder, state, "vision encoder", source)
 
     def init_text_from(self, source) -> InitReport:
         """Fill the text encoder (and the MLM head, from BERT's `cls.predictions.*`) from a HF BERT checkpoint."""
@@ -289,6 +351,26 @@ class MuLTI(nn.Module):
         return names
 
 
+def sincos_table(sizes: tuple[int, ...], dim: int) -> torch.Tensor:
+    """(prod(sizes), dim): the row-major grid of `sizes` (one axis: positions 0..n-1), each axis encoded
+    by sines and cosines of its position over geometric frequencies (Transformer / MAE style) in its own
+    share of the channels (even shares; the first axes take the remainder). Values lie in [-1, 1], about
+    the per-channel scale of LayerNorm-ed tokens."""
+    shares = [2 * (dim // (2 * len(sizes)))] * len(sizes)
+    for i in range((dim - sum(shares)) // 2):
+        shares[i % len(sizes)] += 2
+    grids = torch.meshgrid(*(torch.arange(n, dtype=torch.float64) for n in sizes), indexing="ij")
+    parts = []
+    for grid, share in zip(grids, shares):
+        freqs = 1.0 / 10000 ** (torch.arange(share // 2, dtype=torch.float64) / max(share // 2, 1))
+        angles = grid.reshape(-1, 1) * freqs
+        parts += [angles.sin(), angles.cos()]
+    table = torch.cat(parts, 1)
+    if table.shape[1] < dim:  # an odd width: one spare channel
+        table = torch.cat([table, table.new_zeros(table.shape[0], dim - table.shape[1])], 1)
+    return table.float()
+
+
 def _layer_list(module: nn.Module) -> list[nn.Module]:
     """The transformer layers of a transformers encoder (their attribute path differs by model and version)."""
     for path in ("layers", "encoder.layer", "encoder.layers"):
@@ -325,6 +407,20 @@ def hub_layout(encoder: nn.Module) -> dict[str, str]:
         if reverted is not None and len(reverted) == len(names) and all(v.numel() == 1 for v in reverted.values()):
             mapping = {names[int(v.item())]: hub for hub, v in reverted.items()}
     return {native: hub.removeprefix("vision_model.") for native, hub in mapping.items()}
+
+
+def _inflate_patch_embedding(state: dict, context: int) -> dict:
+    """A single-frame checkpoint for a model whose patch embedding reads 2·context + 1 frames: the RGB
+    weights go to the middle frame, zeros to the neighbours, so the model starts as the checkpoint's
+    per-frame ViT (the I3D "centre" inflation)."""
+    state = dict(state)
+    for key, weight in state.items():
+        if key.endswith(("patch_embeddings.projection.weight", "patch_embedding.weight")) and weight.ndim == 4 \
+                and weight.shape[1] == 3:
+            inflated = weight.new_zeros(weight.shape[0], 3 * (2 * context + 1), *weight.shape[2:])
+            inflated[:, 3 * context: 3 * context + 3] = weight
+            state[key] = inflated
+    return state
 
 
 def _read_state_dict(source) -> dict[str, torch.Tensor]:

@@ -39,9 +39,10 @@ import torch
 from . import data as D
 from .evaluate import frames_from_uint8, tokenize
 
-TASKS = ("pretrain", "retrieval", "qa", "mcqa", "openqa", "tags", "finetune", "all")
+TASKS = ("motion", "pretrain", "retrieval", "qa", "mcqa", "openqa", "tags", "finetune", "all")
 # The losses each finetuning task trains ("finetune" = all of them at once).
 TASK_LOSSES = {
+    "motion": ("motion",),
     "retrieval": ("vtc", "vtm"),
     "qa": ("mcqa", "openqa"),
     "mcqa": ("mcqa",),
@@ -57,6 +58,9 @@ class MultiTrainConfig:
     task: str = "all"
     config: str = "multi-tiny"  # preset name or JSON file (ignored when `init` is given)
     init: str | None = None  # model folder (io.save_multi) to start from
+    # model folder whose video encoder (ViT, temporal embedding, temporal layers) starts a fresh model, e.g.
+    # one trained with task "motion": like starting from a video-pretrained backbone (see MOTION_TYPES)
+    init_vision: str | None = None
     steps: int = 1000  # pretraining steps ("all", "pretrain") or finetuning steps (a finetuning task)
     finetune_steps: int = 500  # "all": joint finetuning steps after pretraining
     batch: int = 32
@@ -68,6 +72,11 @@ class MultiTrainConfig:
     clips: int = 4000  # training clips (rendered once into the data folder)
     data: str | None = None  # data folder (default OUT/data)
     data_seed: int = 1
+    held_out_pairs: bool = False  # also train on the held-out colour/shape pairs (data.train_clips)
+    # Fraction of each batch drawn as "twins": a clip plus one that differs from it in exactly one attribute
+    # (make_batch). Random batches of 32 rarely hold two clips that differ only in direction, so VTC and VTM
+    # would almost never have to tell directions apart; twins make every attribute a hard negative.
+    twin_fraction: float = 0.0
     mcm: bool = True  # MCM in pretraining (False: the "w/o MCM" ablation)
     mcm_distractors: str = "mixed"  # "hard" | "swap" | "mixed"
     residual_mode: str | None = None  # override the config's sampler.residual_mode (ablation)
@@ -89,6 +98,13 @@ class MultiTrainConfig:
             return [("pretrain", self.steps, self.lr)]
         return [(self.task, self.steps, ft_lr)]
 
+
+# Task "motion": open-ended direction and speed questions only. Motion is the one thing a from-scratch
+# model does not pick up inside the joint objectives at this scale (they give it a small share of the
+# gradient; direction stayed at chance through 1700 joint steps), while on its own it is learned in a few
+# hundred steps. A short motion run, used as `init_vision` of the real run, plays the part a
+# video-pretrained backbone plays for the paper's models.
+MOTION_TYPES = ("direction", "speed")
 
 # ------------------------------------------------------------------------------------------ building
 def build_config(cfg: MultiTrainConfig, tokenizer):
@@ -125,7 +141,27 @@ def build(cfg: MultiTrainConfig, run: Path):
         tokenizer = build_tokenizer(D.vocabulary_words(), run / "tokenizer")
     config = build_config(cfg, tokenizer)
     model = MuLTI(config)
+    if cfg.init_vision:
+        copy_video_encoder(cfg.init_vision, model)
     return model, tokenizer, config
+
+
+def copy_video_encoder(folder, model) -> list[str]:
+    """Copy the video encoder (ViT, temporal embedding, temporal layers) of the MuLTI model in `folder`
+    into `model`; returns the copied names. The configs' video parts must match."""
+    from ..errors import CheckpointMismatchError
+    from .io import load_multi
+
+    source = load_multi(folder).model.float().state_dict()
+    target = model.state_dict()
+    names = [n for n in target if n.startswith(("vision_encoder.", "temporal_embed", "temporal_encoder."))]
+    bad = [n for n in names if n not in source or source[n].shape != target[n].shape]
+    if bad:
+        raise CheckpointMismatchError(f"init_vision '{folder}': its video encoder differs from this model's "
+                                      f"({len(bad)} tensors missing or of another shape, e.g. {bad[:3]}); "
+                                      "use a model trained with the same config.")
+    model.load_state_dict({n: source[n] for n in names}, strict=False)
+    return names
 
 
 def make_optimizer(model, cfg: MultiTrainConfig):
@@ -145,14 +181,37 @@ class Batch:
         self.specs, self.frames, self.generator, self.rng = specs, frames, generator, rng
 
 
-def make_batch(data, specs, config, cfg: MultiTrainConfig, step: int) -> Batch:
+def make_batch(data, specs, config, cfg: MultiTrainConfig, step: int, twins: dict | None = None) -> Batch:
+    """Batch `step`: `cfg.batch` random clips, or with `cfg.twin_fraction` that share of them in twin pairs
+    (`twins` = twin_index(specs))."""
     seed = cfg.seed * 1_000_003 + step
     generator = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     index = torch.randint(len(specs), (cfg.batch,), generator=generator).tolist()
+    pairs = int(cfg.batch * cfg.twin_fraction) // 2
+    if pairs:
+        twins = twins if twins is not None else twin_index(specs)
+        for slot in range(pairs):
+            anchor = specs[index[2 * slot]]
+            attribute = rng.choice(list(D.ATTRIBUTES))
+            partners = []
+            for value in D.ATTRIBUTES[attribute]:
+                if value != getattr(anchor, attribute):
+                    key = tuple(value if a == attribute else getattr(anchor, a) for a in D.ATTRIBUTES)
+                    partners += twins.get(key, [])
+            if partners:
+                index[2 * slot + 1] = rng.choice(partners)
     clips = data[sorted(index)] if hasattr(data, "shape") else [data[i] for i in sorted(index)]
     frames = frames_from_uint8(clips, config, train=True, generator=generator)
     return Batch([specs[i] for i in sorted(index)], frames, generator, rng)
+
+
+def twin_index(specs) -> dict[tuple, list[int]]:
+    """(colour, shape, direction, background, speed) -> indices of the clips with exactly these attributes."""
+    index: dict[tuple, list[int]] = {}
+    for i, spec in enumerate(specs):
+        index.setdefault(tuple(getattr(spec, a) for a in D.ATTRIBUTES), []).append(i)
+    return index
 
 
 def _encode_texts(model, tokenizer, config, texts, pairs=None):
@@ -248,11 +307,12 @@ def step_losses(model, tokenizer, config, batch: Batch, losses: tuple[str, ...],
             options += opts
             labels.append(label)
         out["mcqa"], out["acc_mcqa"] = _mc_loss(model, tokenizer, config, video_feats, questions, options, labels)
-    if "openqa" in losses:
-        answers = list(config.answers)
-        qa = [D.open_question(s, batch.rng.choice(D.OPEN_TYPES)) for s in batch.specs]
-        ids, mask = tokenize(tokenizer, [q for q, _ in qa], None, _max_len(config))
-        out["openqa"] = qa_loss(model, video_feats, ids, mask, torch.tensor([answers.index(a) for _, a in qa]))
+    for name, kinds in (("openqa", D.OPEN_TYPES), ("motion", MOTION_TYPES)):
+        if name in losses:
+            answers = list(config.answers)
+            qa = [D.open_question(s, batch.rng.choice(kinds)) for s in batch.specs]
+            ids, mask = tokenize(tokenizer, [q for q, _ in qa], None, _max_len(config))
+            out[name] = qa_loss(model, video_feats, ids, mask, torch.tensor([answers.index(a) for _, a in qa]))
     if "tags" in losses:
         ids, mask = tokenize(tokenizer, [D.TAG_PROMPT] * B, None, _max_len(config))
         target = torch.stack([torch.from_numpy(D.tag_vector(s, config.tags)) for s in batch.specs])
@@ -284,6 +344,8 @@ def train_multi(cfg: MultiTrainConfig) -> Path | None:
 
     if cfg.task not in TASKS:
         raise ValueError(f"unknown task {cfg.task!r}; expected one of {TASKS}")
+    if cfg.init and cfg.init_vision:
+        raise ValueError("give either init (a whole model) or init_vision (its video encoder), not both")
     if cfg.mcm_distractors not in ("hard", "swap", "mixed"):
         raise ValueError(f"mcm_distractors must be hard, swap or mixed, got {cfg.mcm_distractors!r}")
     run, _ = start_run(cfg)
@@ -292,13 +354,15 @@ def train_multi(cfg: MultiTrainConfig) -> Path | None:
     weights = dict(config.loss_weights)
 
     data_dir = Path(cfg.data) if cfg.data else run / "data"
-    clips = D.train_clips(cfg.clips, cfg.data_seed, frames=16, size=config.image_size)
+    clips = D.train_clips(cfg.clips, cfg.data_seed, frames=16, size=config.image_size,
+                          held_out_pairs=cfg.held_out_pairs)
     render_bar = Progress(len(clips), "rendering clips", enabled=not cfg.quiet)
     data, specs = D.cached_dataset(data_dir, clips, frames=16, size=config.image_size,
                                    progress=lambda n: render_bar.update(n))
     if render_bar.done:
         render_bar.close()
 
+    twins = twin_index(specs) if cfg.twin_fraction else None
     optimizer = make_optimizer(model, cfg)
     step, _ = load_checkpoint(run, model, optimizer)
     stages = cfg.stages()
@@ -312,7 +376,7 @@ def train_multi(cfg: MultiTrainConfig) -> Path | None:
         lr = warmup_cosine(local, length, peak, min(cfg.warmup, max(1, length // 5)))
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batch = make_batch(data, specs, config, cfg, step)
+        batch = make_batch(data, specs, config, cfg, step, twins)
         terms = step_losses(model, tokenizer, config, batch, stage_losses(stage, cfg), cfg)
         loss = sum(weights.get(k, 1.0) * v for k, v in terms.items() if not k.startswith("acc_"))
         optimizer.zero_grad(set_to_none=True)

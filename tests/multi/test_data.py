@@ -14,7 +14,7 @@ def test_same_seed_same_clips():
     assert D.eval_clips(64) == D.eval_clips(64) and D.eval_clips(64, seed=1) != D.eval_clips(64)
 
 
-def test_held_out_pairs_only_in_evaluation_and_gallery_captions_distinct():
+def test_held_out_pairs_in_evaluation_and_only_on_request_in_training():
     train = D.train_clips(400, seed=1)
     assert not any(c.held_out for c in train)
     assert {c.shape for c in train} == set(D.SHAPES) and {c.background for c in train} == set(D.BACKGROUNDS)
@@ -24,6 +24,10 @@ def test_held_out_pairs_only_in_evaluation_and_gallery_captions_distinct():
     assert len(set(captions)) == len(gallery) == 96
     # evaluation clips come from other seeds: no clip (position, size, speed) equals a training clip
     assert not {(c.x0, c.y0) for c in gallery} & {(c.x0, c.y0) for c in train}
+    every = D.train_clips(400, seed=1, held_out_pairs=True)
+    assert {(c.colour, c.shape) for c in every} == set(D.all_pairs())  # the held-out pairs too
+    assert 0.15 < sum(c.held_out for c in every) / 400 < 0.35  # 6 of 24 pairs
+    assert not {(c.x0, c.y0) for c in gallery} & {(c.x0, c.y0) for c in every}
 
 
 def test_clip_renders_its_attributes():

@@ -122,3 +122,19 @@ def test_files_without_hub_layout_still_load(model, tmp_path):
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "model.safetensors")
     bundle = load_multi(tmp_path)
     assert torch.equal(outputs(bundle.model)["vtm"], outputs(model)["vtm"])
+
+
+@pytest.mark.parametrize("attention", ["frame", "joint"])
+def test_round_trip_with_the_motion_options(attention, tmp_path):
+    torch.manual_seed(0)
+    model = MuLTI(tiny_config(position_init="sincos", temporal_layers=1, frame_context=1,
+                              video_attention=attention)).eval()
+    save_multi(tmp_path, model, dtype=torch.float32)
+    bundle = load_multi(tmp_path)
+    assert bundle.config == model.config
+    expected, got = outputs(model), outputs(bundle.model)
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+    half = load_multi(tmp_path, dtype=torch.float16)  # the temporal layer's eval fast path in half precision
+    for name, value in outputs(half.model).items():
+        torch.testing.assert_close(value.float(), expected[name], atol=0.05, rtol=0.05)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from easyanimate.errors import CheckpointMismatchError, EasyAnimateError
 from easyanimate.multi.config import MuLTIConfig, load_config
-from easyanimate.multi.model import MuLTI
+from easyanimate.multi.model import MuLTI, sincos_table
 from easyanimate.multi.preprocess import prepare_frames, sample_frame_indices
 
 from . import text_batch, tiny_config
@@ -62,6 +62,107 @@ def test_temporal_embedding_added_per_frame():
     video = model.encode_video(still)
     table = model.temporal_embed
     torch.testing.assert_close(video[0, 1] - video[0, 0], (table[1] - table[0]).expand(17, -1), atol=1e-5, rtol=0)
+
+
+def test_sincos_table_rows_are_distinct_and_factorised():
+    table = sincos_table((3, 2, 2), 30)  # 30 channels over 3 axes: shares 10, 10, 10
+    assert table.shape == (12, 30) and table.abs().max() <= 1
+    assert torch.cdist(table, table).fill_diagonal_(1).min() > 0.1  # every (t, y, x) its own row
+    rows = table.view(3, 2, 2, 30)
+    torch.testing.assert_close(rows[:, 0, 0, :10], rows[:, 1, 1, :10])  # the t share ignores y and x
+    torch.testing.assert_close(rows[0, :, 0, 10:20], rows[2, :, 1, 10:20])  # the y share ignores t and x
+    time_only = sincos_table((5,), 8)
+    angles = torch.arange(5.0)[:, None] / 10000 ** (torch.arange(4.0) / 4)
+    torch.testing.assert_close(time_only, torch.cat([angles.sin(), angles.cos()], 1))
+    assert sincos_table((4,), 7).shape == (4, 7)
+
+
+@pytest.mark.parametrize("backbone", ["vit", "clip"])
+def test_sincos_position_init(backbone):
+    model = build(position_init="sincos", vision_backbone=backbone)
+    config = model.config
+    if backbone == "clip":
+        positions = model._clip_tower().embeddings.position_embedding.weight
+    else:
+        positions = model.vision_encoder.embeddings.position_embeddings[0]
+    assert torch.equal(positions[0], torch.zeros(32))
+    torch.testing.assert_close(positions[1:], sincos_table(config.patch_grid, 32))
+    torch.testing.assert_close(model.temporal_embed, sincos_table((config.max_frames,), 32))
+    torch.testing.assert_close(model.fusion.slot_embed[1:], sincos_table(config.sampler.grid, 32))
+    assert torch.equal(model.fusion.slot_embed[0], torch.zeros(32))
+    # the default keeps the encoders' own small init
+    assert build().temporal_embed.std() < 0.05
+
+
+def test_temporal_layers_make_the_video_embedding_see_frame_order():
+    clip = frames(B=1, T=4)
+    reversed_clip = clip.flip(1)
+    plain = build(position_init="sincos")
+    emb = plain.video_embedding(plain.encode_video(clip))
+    # without temporal layers the VTC embedding is a mean over frames: blind to their order...
+    torch.testing.assert_close(emb, plain.video_embedding(plain.encode_video(reversed_clip)), atol=1e-5, rtol=0)
+    model = build(position_init="sincos", temporal_layers=1)
+    video = model.encode_video(clip)
+    # ...with them, it is not; the patch tokens are the same as without the layer
+    assert (model.video_embedding(video) - model.video_embedding(model.encode_video(reversed_clip))).abs().max() > 1e-3
+    model.temporal_encoder = None
+    untouched = model.encode_video(clip)
+    torch.testing.assert_close(video[:, :, 1:], untouched[:, :, 1:])
+    assert not torch.allclose(video[:, :, 0], untouched[:, :, 0])
+    ids, mask = text_batch(1, 6)
+    assert model.fuse(video, model.encode_text(ids, mask), mask).video.shape == (1, 17, 32)
+
+
+@pytest.mark.parametrize("backbone", ["vit", "clip"])
+def test_joint_attention_runs_the_vit_over_all_frames_at_once(backbone):
+    from easyanimate.multi.model import _layer_list
+
+    model = build(video_attention="joint", vision_backbone=backbone)
+    clip = frames(T=3)
+    video = model.encode_video(clip)
+    # reference: the encoder's own modules, called by hand on one sequence per clip
+    with torch.no_grad():
+        if backbone == "clip":
+            tower = model._clip_tower()
+            hidden, final_norm = tower.pre_layrnorm(tower.embeddings(clip.flatten(0, 1))), tower.post_layernorm
+        else:
+            hidden, final_norm = model.vision_encoder.embeddings(clip.flatten(0, 1)), model.vision_encoder.layernorm
+        hidden = (hidden.view(2, 3, 17, 32) + model.temporal_embedding(3)[None, :, None]).flatten(1, 2)
+        for layer in _layer_list(model._clip_tower() if backbone == "clip" else model.vision_encoder):
+            out = layer(hidden, None) if backbone == "clip" else layer(hidden)
+            hidden = out[0] if isinstance(out, tuple) else out
+        expected = final_norm(hidden).view(2, 3, 17, 32) + model.temporal_embedding(3)[None, :, None]
+    torch.testing.assert_close(video, expected, atol=1e-5, rtol=1e-5)
+    changed = clip.clone()
+    changed[:, 2] += 1
+    assert (model.encode_video(changed)[:, 0] - video[:, 0]).abs().max() > 1e-3  # frame 0 sees frame 2
+    frame_model = build(vision_backbone=backbone)
+    assert torch.equal(frame_model.encode_video(changed)[:, 0], frame_model.encode_video(clip)[:, 0])
+
+
+def test_frame_context_reads_neighbours_and_inflates_single_frame_checkpoints(tmp_path):
+    from transformers import ViTConfig, ViTModel
+
+    model, plain = build(frame_context=1), build()
+    weight = model.vision_encoder.embeddings.patch_embeddings.projection.weight
+    assert weight.shape[1] == 9 and model.config.vision_channels == 9
+    clip = frames(T=4)
+    changed = clip.clone()
+    changed[:, 1] += 1
+    video = model.encode_video(clip)
+    delta = (model.encode_video(changed) - video).abs().amax((0, 2, 3))
+    assert delta[0] > 1e-3 and delta[2] > 1e-3 and delta[3] == 0  # frames 0 and 2 see frame 1, frame 3 does not
+    source = ViTModel(ViTConfig(**{**plain.config.vision, "image_size": 32}), add_pooling_layer=False)
+    source.save_pretrained(tmp_path)
+    report = model.init_vision_from(tmp_path)
+    assert not report.missing
+    plain.init_vision_from(tmp_path)
+    with torch.no_grad():
+        model.temporal_embed.copy_(plain.temporal_embed)
+    # centre inflation: the model starts as the checkpoint's per-frame ViT
+    torch.testing.assert_close(model.encode_video(clip), plain.encode_video(clip), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(weight[:, 3:6], source.embeddings.patch_embeddings.projection.weight, rtol=0, atol=0)
+    assert not weight[:, :3].any() and not weight[:, 6:].any()
 
 
 def test_clip_backbone():
@@ -304,6 +405,14 @@ def test_config_errors():
         tiny_config(vision={"hidden_size": 48})
     with pytest.raises(EasyAnimateError, match="multi-tiny"):
         load_config("no-such-preset")
+    with pytest.raises(EasyAnimateError, match="position_init"):
+        tiny_config(position_init="learned")
+    with pytest.raises(EasyAnimateError, match="temporal_layers"):
+        tiny_config(temporal_layers=-1)
+    with pytest.raises(EasyAnimateError, match="video_attention"):
+        tiny_config(video_attention="divided")
+    with pytest.raises(EasyAnimateError, match="frame_context"):
+        tiny_config(frame_context=-1)
 
 
 def test_import_is_cheap():

@@ -8,7 +8,7 @@ import torch
 
 from easyanimate.multi import data as D
 from easyanimate.multi.train import (Batch, MultiTrainConfig, build, make_batch, make_optimizer, mcm_items,
-                                     stage_losses, step_losses, train_multi)
+                                     stage_losses, step_losses, train_multi, twin_index)
 
 # A model far below multi-tiny (one layer each, width 32): the tests check the loop, not the quality.
 TINY = {"vision": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
@@ -107,3 +107,53 @@ def test_resume_gives_the_same_weights_as_an_unbroken_run(tiny_config_file, tmp_
     bundle = load_multi(tmp_path / "a" / "model")
     assert bundle.tokenizer is not None and bundle.config.tags == list(D.TAGS)
     assert bundle.config.answers == list(D.ANSWERS)
+
+
+def test_twin_batches_pair_clips_that_differ_in_one_attribute(tiny_config_file, tmp_path):
+    cfg = tiny_cfg(tmp_path, tiny_config_file, twin_fraction=1.0, batch=16)
+    _, _, config = build(cfg, tmp_path)
+    import numpy as np
+
+    specs = D.train_clips(3000, seed=4, frames=2, size=32)
+    data = np.zeros((len(specs), 2, 32, 32, 3), np.uint8)
+    twins = twin_index(specs)
+    assert sum(map(len, twins.values())) == len(specs)
+    batch = make_batch(data, specs, config, cfg, step=3, twins=twins)
+    assert batch.frames.shape[:2] == (16, config.num_frames)
+    attrs = [tuple(getattr(s, a) for a in D.ATTRIBUTES) for s in batch.specs]
+    differing = [sum(x != y for x, y in zip(a, b)) for i, a in enumerate(attrs) for b in attrs[i + 1:]]
+    assert differing.count(1) >= 6  # 8 pairs asked for; a clip with no partner in the data keeps a random one
+    assert make_batch(data, specs, config, cfg, step=3, twins=twins).specs == batch.specs  # deterministic
+    plain = make_batch(data, specs, config, tiny_cfg(tmp_path, tiny_config_file, batch=16), step=3)
+    plain_attrs = [tuple(getattr(s, a) for a in D.ATTRIBUTES) for s in plain.specs]
+    assert sum(sum(x != y for x, y in zip(a, b)) == 1
+               for i, a in enumerate(plain_attrs) for b in plain_attrs[i + 1:]) < differing.count(1)
+
+
+def test_motion_run_starts_the_video_encoder_of_a_fresh_model(tiny_config_file, tmp_path):
+    from easyanimate.errors import CheckpointMismatchError
+    from easyanimate.multi.io import load_multi
+
+    motion = tiny_cfg(tmp_path / "motion", tiny_config_file, task="motion", steps=2)
+    assert stage_losses("motion", motion) == ("motion",)
+    folder = train_multi(motion)
+    log = [json.loads(line) for line in (tmp_path / "motion" / "loss.jsonl").read_text().splitlines()]
+    assert [row["stage"] for row in log] == ["motion"] * 2 and all(row["motion"] > 0 for row in log)
+    trained = load_multi(folder).model.float().state_dict()
+    main = tiny_cfg(tmp_path / "main", tiny_config_file, init_vision=str(folder), data=str(tmp_path / "motion" / "data"))
+    torch.manual_seed(0)
+    model, _, _ = build(main, tmp_path / "main")
+    torch.manual_seed(0)
+    fresh, _, _ = build(tiny_cfg(tmp_path / "fresh", tiny_config_file), tmp_path / "fresh")
+    for name, tensor in model.state_dict().items():
+        if name.startswith(("vision_encoder.", "temporal_embed")):
+            assert torch.equal(tensor, trained[name]), name
+        elif name.startswith("fusion.layers.0.attention"):  # the rest starts fresh
+            assert torch.equal(tensor, fresh.state_dict()[name]), name
+    other = dict(TINY, vision={**TINY["vision"], "intermediate_size": 32})
+    other_file = tmp_path / "other.json"
+    other_file.write_text(json.dumps(other))
+    with pytest.raises(CheckpointMismatchError, match="video encoder differs"):
+        build(tiny_cfg(tmp_path / "bad", str(other_file), init_vision=str(folder)), tmp_path / "bad")
+    with pytest.raises(ValueError, match="not both"):
+        train_multi(dataclasses.replace(main, init=str(folder)))

@@ -124,8 +124,6 @@ def test_shipped_model_keeps_the_clip_of_the_prompts_colour(standalone):
     assert picked >= trials - 1, f"kept the prompt's clip in {picked} of {trials} trials"
 
 
-@pytest.mark.xfail(strict=True, reason="issue #8 open: the shipped model reads colour and background, but shape and "
-                                       "direction only at chance (see easyanimate/multi/demo/MuLTI-demo-64px/README.md)")
 def test_shipped_model_keeps_the_clip_of_the_prompts_direction_and_shape(standalone):
     picked, trials = best_of_four(standalone, ["direction", "shape"])
     assert picked >= trials - 1, f"kept the prompt's clip in {picked} of {trials} trials"

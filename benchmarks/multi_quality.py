@@ -64,7 +64,8 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="the main model folder (default: the shipped MuLTI-demo-64px)")
-    p.add_argument("--runs", default=None, help="folder with the variant runs (no-motion/model, no-mcm/model, adapt-pool/model)")
+    p.add_argument("--runs", default=None,
+                   help="folder with the variant runs (no-motion/model, no-mcm/model, adapt-pool/model)")
     p.add_argument("--train-ablations", action="store_true", help="train ablations missing from --runs first")
     p.add_argument("--data", default=None, help="training data folder to share with the ablation runs")
     p.add_argument("--clips", type=int, default=128, help="evaluation gallery size (>= 64)")

@@ -195,7 +195,8 @@ def all_pairs() -> list[tuple[str, str]]:
     return [(c, s) for c in COLOURS for s in SHAPES]
 
 
-def train_clips(count: int, seed: int, *, frames: int = 16, size: int = 64, held_out_pairs: bool = False) -> list[MultiClip]:
+def train_clips(count: int, seed: int, *, frames: int = 16, size: int = 64,
+                held_out_pairs: bool = False) -> list[MultiClip]:
     """`count` random clips: of seen colour/shape pairs only, or with `held_out_pairs` of every pair."""
     rng = random.Random(seed)
     pairs = all_pairs() if held_out_pairs else seen_pairs()

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointMismatchError
+from ..models.embeddings import sincos_1d
 from .adapter import AttentionAdapter, freeze_and_attach
 from .config import MuLTIConfig
 from .sampler import Fused, build_fusion
@@ -353,19 +354,14 @@ class MuLTI(nn.Module):
 
 def sincos_table(sizes: tuple[int, ...], dim: int) -> torch.Tensor:
     """(prod(sizes), dim): the row-major grid of `sizes` (one axis: positions 0..n-1), each axis encoded
-    by sines and cosines of its position over geometric frequencies (Transformer / MAE style) in its own
+    by the DiT's `sincos_1d` (sines and cosines over geometric frequencies, MAE style) in its own
     share of the channels (even shares; the first axes take the remainder). Values lie in [-1, 1], about
     the per-channel scale of LayerNorm-ed tokens."""
     shares = [2 * (dim // (2 * len(sizes)))] * len(sizes)
     for i in range((dim - sum(shares)) // 2):
         shares[i % len(sizes)] += 2
     grids = torch.meshgrid(*(torch.arange(n, dtype=torch.float64) for n in sizes), indexing="ij")
-    parts = []
-    for grid, share in zip(grids, shares):
-        freqs = 1.0 / 10000 ** (torch.arange(share // 2, dtype=torch.float64) / max(share // 2, 1))
-        angles = grid.reshape(-1, 1) * freqs
-        parts += [angles.sin(), angles.cos()]
-    table = torch.cat(parts, 1)
+    table = torch.cat([sincos_1d(share, grid) for grid, share in zip(grids, shares)], 1)
     if table.shape[1] < dim:  # an odd width: one spare channel
         table = torch.cat([table, table.new_zeros(table.shape[0], dim - table.shape[1])], 1)
     return table.float()

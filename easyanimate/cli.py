@@ -129,6 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     dt.add_argument("--high-noise-fraction", type=float, default=0.0,
                     help="share of each batch with t from the noisier half [500, 1000) (0: uniform t)")
     dt.add_argument("--high-noise-from-step", type=int, default=0, help="... from this step on")
+    dt.add_argument("--mse-weight-cap", type=float, default=0.0,
+                    help="weight each sample's noise MSE by min(1 + 1/SNR, cap): more weight on the noisy steps where "
+                         "colours and layout are decided (0: the reference's plain mean)")
+    dt.add_argument("--first-frame-prob", type=float, default=0.5,
+                    help="share of video samples that keep their first frame (image-to-video); the rest are text-to-video")
     dt.add_argument("--seed", type=int, default=0)
     dt.add_argument("--threads", type=int, default=2)
     dt.add_argument("--stop-at", type=int, default=None, help="stop after this step (run again to resume)")
@@ -143,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     lo.add_argument("--rank", type=int, default=8)
     lo.add_argument("--alpha", type=float, default=8.0)
     lo.add_argument("--lr", type=float, default=1e-3)
+    lo.add_argument("--mse-weight-cap", type=float, default=0.0,
+                    help="as for train-dit: weight the noise MSE by min(1 + 1/SNR, cap) (0: plain mean)")
     lo.add_argument("--seed", type=int, default=0)
     lo.add_argument("--threads", type=int, default=2)
     lo.add_argument("--stop-at", type=int, default=None, help="stop after this step (run again to resume)")
@@ -392,8 +399,6 @@ def _safetensors_summary(files) -> dict:
 
 def describe_model(path: Path) -> dict:
     """A dict describing a release folder (each component) or a single file."""
-    from .checkpoint import weight_files
-
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"'{path}' does not exist.")
@@ -555,7 +560,9 @@ def cmd_train_dit(args) -> int:
     folder = train_dit(DiTTrainConfig(data=args.data, vae=args.vae, text=args.text, out=args.out, steps=args.steps,
                                       lr=args.lr, video_batch=args.video_batch, image_batch=args.image_batch,
                                       high_noise_fraction=args.high_noise_fraction,
-                                      high_noise_from_step=args.high_noise_from_step, seed=args.seed,
+                                      high_noise_from_step=args.high_noise_from_step,
+                                      first_frame_prob=args.first_frame_prob, mse_weight_cap=args.mse_weight_cap,
+                                      seed=args.seed,
                                       threads=args.threads, stop_at=args.stop_at, **_save_every(args)))
     if folder is None:
         return 0
@@ -567,7 +574,8 @@ def cmd_train_lora(args) -> int:
     from .train.lora import LoRATrainConfig, train_lora
 
     train_lora(LoRATrainConfig(model=args.model, data=args.data, out=args.out, steps=args.steps, rank=args.rank,
-                               alpha=args.alpha, lr=args.lr, seed=args.seed, threads=args.threads, name=args.name,
+                               alpha=args.alpha, lr=args.lr, mse_weight_cap=args.mse_weight_cap, seed=args.seed,
+                               threads=args.threads, name=args.name,
                                stop_at=args.stop_at, **_save_every(args)))
     return 0
 

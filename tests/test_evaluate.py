@@ -67,3 +67,49 @@ def test_demo_model_follows_a_few_prompts():
     results = ev.evaluate_model(model, cases, steps=defaults["steps"], guidance_scale=defaults["guidance_scale"],
                                 sampler=defaults["sampler"])
     assert sum(r.colour_ok for r in results) >= 3
+
+
+def test_swapped_caption_changes_exactly_one_word():
+    spec = syn.make_specs(1, seed=3)[0]
+    original = syn.caption(spec, 0).split()
+    for attribute in ev.SENSITIVITY_ATTRIBUTES:
+        swapped = ev.swapped_caption(spec, attribute).split()
+        changed = [(a, b) for a, b in zip(original, swapped) if a != b]
+        assert len(swapped) == len(original) and len(changed) == 1, (attribute, changed)
+        assert changed[0][0] == getattr(spec, attribute)
+    assert ev.swapped_caption(spec, "direction").split()[4] == ev.OPPOSITE[spec.direction]
+    with pytest.raises(ValueError, match="unknown attribute"):
+        ev.swapped_caption(spec, "speed")
+
+
+def test_caption_sensitivity_sees_that_the_demo_model_reads_colour():
+    from easyanimate import cli
+
+    if not (cli.demo_model_path() / "transformer").is_dir():
+        pytest.skip("demo model not shipped")
+    from easyanimate.pipeline import load_model
+
+    model = load_model(cli.demo_model_path(), dtype="fp32")
+    kwargs = dict(clips=6, timesteps=(500,), modes=("text-to-video",))
+    results = ev.caption_sensitivity(model, **kwargs)
+    assert list(results) == [("text-to-video", 500)]
+    row = results[("text-to-video", 500)]
+    assert row["error"] > 0 and row["colour"] > 5.0  # a wrong colour word makes its prediction clearly worse
+    assert ev.caption_sensitivity(model, **kwargs) == results  # deterministic
+    assert "colour swapped" in ev.format_sensitivity(results)
+
+
+def test_latent_motion_profile_follows_an_ideal_encoder():
+    """An 'encoder' that keeps every 4th frame and averages 8x8 pixel cells moves the object by speed x 4 / 8
+    cells per latent frame; the profile must measure that, along the direction, for every direction."""
+
+    class PoolingEncoder:
+        def encode_latents(self, pixels, sample=True):
+            frames = pixels[:, :, ::4]
+            return torch.nn.functional.avg_pool3d(frames, (1, 8, 8))
+
+    specs = syn.make_specs(48, seed=11)
+    expected = np.mean([s.speed * 4 / 8 for s in specs])
+    steps = ev.latent_motion_profile(PoolingEncoder(), clips=48, seed=11)["steps"]
+    assert len(steps) == 3
+    np.testing.assert_allclose(steps, expected, rtol=0.25)

@@ -1,6 +1,7 @@
 """Training code on tiny configs: losses go down, runs resume exactly, outputs load as releases do."""
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -77,6 +78,33 @@ def test_dit_objective_learns_and_variance_term_is_finite(workspace):
         optimizer.step()
         losses.append(terms["loss"].item())
     assert losses[-1] < 0.8 * losses[0]
+
+
+def test_mse_weighting_follows_the_snr_and_is_off_by_default():
+    from easyanimate.train.dit import Diffusion
+
+    # SNR of the linear schedule, computed here from its definition: alpha_bar = prod(1 - beta).
+    betas = np.linspace(1e-4, 0.02, 1000)
+    alpha_bar = np.cumprod(1 - betas)
+    snr = alpha_bar / (1 - alpha_bar)
+    diffusion = Diffusion()
+    t = torch.tensor([0, 100, 300, 500, 700, 999])
+    cap = 20.0
+    expected = np.minimum(1 + 1 / snr[t.numpy()], cap)
+    expected = expected / expected.mean()
+    np.testing.assert_allclose(diffusion.mse_weights(t, cap).numpy(), expected, rtol=1e-4)
+    assert expected[-1] == expected[-2] > expected[2] > expected[0]  # capped at the noisy end, rising before it
+
+    gen = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(6, 4, 2, 3, 3, generator=gen), torch.randn(6, 4, 2, 3, 3, generator=gen)
+    output = torch.randn(6, 8, 2, 3, 3, generator=gen)
+    x_t = diffusion.add_noise(x0, noise, t)
+    per_sample = (output[:, :4] - noise).square().flatten(1).mean(1)
+    plain = diffusion.losses(output, x0, x_t, noise, t)
+    weighted = diffusion.losses(output, x0, x_t, noise, t, mse_weight_cap=cap)
+    torch.testing.assert_close(plain["mse"], per_sample.mean())
+    torch.testing.assert_close(weighted["mse"], (per_sample * torch.tensor(expected, dtype=torch.float32)).mean())
+    torch.testing.assert_close(weighted["vb"], plain["vb"])  # the variance term is not reweighted
 
 
 def test_dit_run_resumes_exactly_and_exports_a_release(workspace):

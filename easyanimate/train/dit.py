@@ -14,6 +14,9 @@ What one step does (spec §5.1; the objective of IDDPM / PixArt that EasyAnimate
                                                                           the mean uses a detached eps)
      with the variance "learned range": log var = f log beta_t + (1 - f) log beta~_t, f = (v + 1) / 2
      from the model's last 4 output channels; at t = 0 the bound is the discretised Gaussian NLL.
+     Optionally (`mse_weight_cap`, off by default) the MSE of each sample is weighted by
+     min(1 + 1/SNR_t, cap): the plain eps MSE hardly rewards a better prediction at the noisy steps, where
+     colours and layout are decided (see `Diffusion.mse_weights`).
 Batches alternate as in EasyAnimate: three of video clips, one of single images (1 latent frame).
 Half of the video samples keep their first frame (mask 0 on frame 0, the frame in the masked video),
 so the model does image-to-video with the same inputs `generate(start_images=...)` builds.
@@ -109,6 +112,7 @@ class DiTTrainConfig:
     first_frame_prob: float = 0.5
     high_noise_fraction: float = 0.0  # share of samples with t drawn from the noisier half [500, 1000) only
     high_noise_from_step: int = 0  # ... from this step on
+    mse_weight_cap: float = 0.0  # > 0: weight each sample's eps MSE by min(1 + 1/SNR_t, cap) (Diffusion.mse_weights)
     frames: int = 16
     seed: int = 0
     threads: int = 2
@@ -130,6 +134,7 @@ class Diffusion:
         posterior_variance = betas * (1 - previous) / (1 - alphas_cumprod)
         as_tensor = lambda a: torch.tensor(a, dtype=torch.float32)
         self.steps = steps
+        self.alphas_cumprod = as_tensor(alphas_cumprod)
         self.sqrt_alphas_cumprod = as_tensor(np.sqrt(alphas_cumprod))
         self.sqrt_one_minus_alphas_cumprod = as_tensor(np.sqrt(1 - alphas_cumprod))
         self.sqrt_recip_alphas_cumprod = as_tensor(np.sqrt(1 / alphas_cumprod))
@@ -147,12 +152,26 @@ class Diffusion:
     def add_noise(self, x0, noise, t):
         return self._at(self.sqrt_alphas_cumprod, t, x0) * x0 + self._at(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
 
+    def mse_weights(self, t: torch.Tensor, cap: float) -> torch.Tensor:
+        """Per-sample weights min(1 + 1/SNR_t, cap), scaled to mean 1 over the batch.
+
+        The eps MSE of a sample equals SNR_t times its error in x0, so at the noisy end, where a video's
+        colours and layout are decided, a better x0 prediction barely lowers the loss. 1 + 1/SNR is the
+        weighting v-prediction implies; the cap keeps the noisiest steps (SNR ~ 1e-4) from drowning the rest.
+        What it changed for the demo model is measured in easyanimate/demo/README.md."""
+        snr = self.alphas_cumprod[t] / (1 - self.alphas_cumprod[t])
+        weights = torch.clamp(1 + 1 / snr, max=cap)
+        return weights / weights.mean()
+
     def losses(self, model_output: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, noise: torch.Tensor,
-               t: torch.Tensor) -> dict:
-        """{"mse", "vb", "loss"}: per-sample means over every latent element, then the batch mean."""
+               t: torch.Tensor, mse_weight_cap: float = 0.0) -> dict:
+        """{"mse", "vb", "loss"}: per-sample means over every latent element, then the batch mean.
+        `mse_weight_cap` > 0 weights the MSE term per sample (`mse_weights`); 0 is the reference's plain mean."""
         channels = x0.shape[1]
         eps, variance_values = model_output[:, :channels], model_output[:, channels:2 * channels]
         mse = (eps - noise).square().flatten(1).mean(1)
+        if mse_weight_cap > 0:
+            mse = mse * self.mse_weights(t, mse_weight_cap)
 
         # Variational bound with the mean frozen: only the variance learns from it (IDDPM hybrid loss).
         min_log = self._at(self.posterior_log_variance, t, x0)
@@ -359,12 +378,12 @@ def _timesteps(cfg, step: int, size: int, gen) -> torch.Tensor:
     return t
 
 
-def training_loss(model, diffusion: Diffusion, batch: dict) -> dict:
+def training_loss(model, diffusion: Diffusion, batch: dict, mse_weight_cap: float = 0.0) -> dict:
     x_t = diffusion.add_noise(batch["x0"], batch["noise"], batch["t"])
     size = x_t.shape[0]
     output = model(x_t, batch["t"], batch["text"], batch["text_mask"], inpaint_latents=batch["inpaint"],
                    clip_encoder_hidden_states=torch.zeros(size, 768), clip_attention_mask=torch.zeros(size, 8))
-    return diffusion.losses(output, batch["x0"], x_t, batch["noise"], batch["t"])
+    return diffusion.losses(output, batch["x0"], x_t, batch["noise"], batch["t"], mse_weight_cap)
 
 
 # ------------------------------------------------------------------------------------ the loop
@@ -421,7 +440,7 @@ def run_diffusion_training(model, optimizer, cache, cfg, run: Path, start: int, 
         for group in optimizer.param_groups:
             group["lr"] = warmup_cosine(step, cfg.steps, cfg.lr, cfg.warmup)
         batch = make_batch(cache, cfg, step)
-        terms = training_loss(model, diffusion, batch)
+        terms = training_loss(model, diffusion, batch, cfg.mse_weight_cap)
         optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
         extra = {}

@@ -86,6 +86,7 @@ class LoRATrainConfig:
     warmup: int = 50
     text_dropout: float = 0.1
     first_frame_prob: float = 0.5
+    mse_weight_cap: float = 0.0  # as in DiTTrainConfig: > 0 weights the noisy steps, where colour and layout form
     frames: int = 16
     seed: int = 0
     threads: int = 2

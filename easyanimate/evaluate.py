@@ -357,6 +357,17 @@ def swapped_caption(spec, attribute: str) -> str:
     return prompt_for(values["colour"], values["shape"], values["direction"], values["background"])
 
 
+def _synthetic_clips(count: int, seed: int, frames: int, size: int):
+    """(specs, pixels (N, 3, F, H, W) in [-1, 1]) of `count` clips of seen colour/shape pairs, through
+    8-bit pixels as a data folder stores them."""
+    from .train.data import to_model_pixels
+    from .train.synthetic import make_specs, render_clip
+
+    specs = make_specs(count, seed, frames=frames, size=size)
+    videos = np.stack([np.round(render_clip(s, frames, size) * 255).astype(np.uint8) for s in specs])
+    return specs, to_model_pixels(videos)
+
+
 def caption_sensitivity(model, *, clips: int = 48, seed: int = 11, timesteps: Sequence[int] = (300, 600, 800),
                         modes: Sequence[str] = ("text-to-video", "image-to-video"), frames: int = 16,
                         size: int = 64) -> dict:
@@ -369,17 +380,14 @@ def caption_sensitivity(model, *, clips: int = 48, seed: int = 11, timesteps: Se
     `modes`: "text-to-video" (nothing kept) and/or "image-to-video" (first frame kept, as `generate` builds it)."""
     import torch
 
-    from .pipeline import conditioning_video
-    from .train.data import to_model_pixels
+    from .pipeline import conditioning_video, inpaint_pixels
     from .train.dit import Diffusion
-    from .train.synthetic import caption, make_specs, render_clip
+    from .train.synthetic import caption
 
     with torch.no_grad():
         transformer, vae = model.transformer, model.vae
         dtype = transformer.dtype
-        specs = make_specs(clips, seed, frames=frames, size=size)
-        videos = np.stack([np.round(render_clip(s, frames, size) * 255).astype(np.uint8) for s in specs])
-        pixels = to_model_pixels(videos)
+        specs, pixels = _synthetic_clips(clips, seed, frames, size)
         gen = torch.Generator().manual_seed(seed)
         x0 = vae.encode_latents(pixels, generator=gen)
 
@@ -388,11 +396,7 @@ def caption_sensitivity(model, *, clips: int = 48, seed: int = 11, timesteps: Se
             for i in range(len(specs)):
                 start = (pixels[i:i + 1, :, 0] + 1) / 2 if keep_first else None
                 cond = conditioning_video(frames, size, size, start_images=start)
-                video = cond.video * 2 - 1
-                mask3 = cond.mask.repeat(1, 3, 1, 1, 1)
-                masked = torch.where(mask3 < 0.5, video, torch.full_like(video, -1.0))
-                parts.append(torch.cat([vae.encode_latents(mask3, generator=gen),
-                                        vae.encode_latents(masked, generator=gen)], dim=1))
+                parts.append(torch.cat([vae.encode_latents(v, generator=gen) for v in inpaint_pixels(cond)], dim=1))
             return torch.cat(parts)
 
         prompts = {"true": [caption(s, 0) for s in specs]}
@@ -441,13 +445,9 @@ def latent_motion_profile(vae, *, clips: int = 48, seed: int = 11, frames: int =
     write it. Returns {"steps": [mean step per latent frame pair], "clips": n}."""
     import torch
 
-    from .train.data import to_model_pixels
-    from .train.synthetic import make_specs, render_clip
-
-    specs = make_specs(clips, seed, frames=frames, size=size)
-    videos = np.stack([np.round(render_clip(s, frames, size) * 255).astype(np.uint8) for s in specs])
+    specs, pixels = _synthetic_clips(clips, seed, frames, size)
     with torch.no_grad():
-        latents = vae.encode_latents(to_model_pixels(videos), sample=False).float()
+        latents = vae.encode_latents(pixels, sample=False).float()
     background = latents.flatten(3).median(dim=3).values[..., None, None]
     energy = (latents - background).abs().sum(1)  # (N, F_latent, h, w)
     h, w = energy.shape[-2:]

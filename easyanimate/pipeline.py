@@ -85,6 +85,15 @@ def _as_frames(images: torch.Tensor, height: int, width: int, what: str) -> torc
     return images
 
 
+def inpaint_pixels(cond: ConditioningVideo) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two videos the VAE encodes into a V3 InP model's 8 inpaint channels: the mask, encoded as an
+    image in [0, 1] (not [-1, 1]; 1 = generate), and the conditioning video in [-1, 1] with the frames to
+    generate set to -1."""
+    mask3 = cond.mask.repeat(1, 3, 1, 1, 1)
+    pixels = cond.video * 2 - 1
+    return mask3, torch.where(mask3 < 0.5, pixels, torch.full_like(pixels, -1.0))
+
+
 def conditioning_video(
     frames: int,
     height: int,
@@ -243,9 +252,7 @@ def generate(
     video_latents = vae_encode(pixels) if (inpaint_model or strength < 1) else None
     inpaint = None
     if inpaint_model:
-        mask3 = cond.mask.repeat(1, 3, 1, 1, 1)  # encoded as an image in [0, 1], not [-1, 1]
-        masked = torch.where(mask3 < 0.5, pixels, torch.full_like(pixels, -1.0))
-        inpaint = torch.cat([vae_encode(mask3), vae_encode(masked)], dim=1)
+        inpaint = torch.cat([vae_encode(video) for video in inpaint_pixels(cond)], dim=1)
         inpaint = inpaint.to(device, dtype).expand(batch, -1, -1, -1, -1)
         if inpaint.shape[2:] != shape[2:]:
             raise EasyAnimateError(f"Conditioning latents {tuple(inpaint.shape)} do not match the latent shape {shape}.")

@@ -150,6 +150,10 @@ def test_lora_training_writes_easyanimate_format(workspace):
     assert "lora_unet__transformer_blocks_0_attn1_to_out_0.lora_up.weight" in tensors
     assert any("_attn_temporal_" in k for k in tensors) and "lora_unet__proj_out.alpha" in tensors
     assert tensors["lora_unet__transformer_blocks_0_attn1_to_q.lora_down.weight"].shape[0] == 2
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:  # the base model by name: no path of the training machine in the file
+        assert f.metadata()["ss_base_model"] == "release"
 
     lora = pytest.importorskip("easyanimate.lora")
     from easyanimate.loading import load_transformer

@@ -119,7 +119,7 @@ def train_lora(cfg: LoRATrainConfig) -> Path:
         return None
     path = run / cfg.name
     metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(cfg.rank), "ss_network_alpha": str(cfg.alpha),
-                "ss_base_model": str(cfg.model), "ss_steps": str(cfg.steps), "easyanimate_format": "lora_unet"}
+                "ss_base_model": Path(cfg.model).name, "ss_steps": str(cfg.steps), "easyanimate_format": "lora_unet"}
     save_file(lora_state_dict(wrappers), str(path), metadata=metadata)
     print(f"wrote {path}", flush=True)
     return path

@@ -25,8 +25,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .train.synthetic import (BACKGROUNDS, COLOURS, DIRECTIONS, HELD_OUT_PAIRS, SHAPES, prompt_for, shape_mask,
-                              training_pairs)
+from .train.synthetic import (BACKGROUNDS, BASE_SHAPES, COLOURS, DIRECTIONS, HELD_OUT_PAIRS, SHAPES, prompt_for,
+                              shape_mask, training_pairs)
 
 HUES = {name: colorsys.rgb_to_hsv(*rgb)[0] * 360 for name, rgb in COLOURS.items()}
 OBJECT_THRESHOLD = 0.3  # max channel difference from the background that counts as object
@@ -340,8 +340,6 @@ OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
 def swapped_caption(spec, attribute: str) -> str:
     """The clip's caption (template 0) with one attribute word replaced: the next colour in hue order, the
     next base shape, the opposite direction, the other background."""
-    from .train.synthetic import BASE_SHAPES
-
     values = {"colour": spec.colour, "shape": spec.shape, "direction": spec.direction, "background": spec.background}
     if attribute == "colour":
         names = list(COLOURS)

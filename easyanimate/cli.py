@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--all-shapes", action="store_true", help="include the star and the held-out colour/shape pairs (VAE data)")
     d.add_argument("--draw-shape", default=None, help="draw this shape whatever the caption says (LoRA data, e.g. star)")
     d.add_argument("--draw-colour", default=None, help="paint every object this colour whatever the caption says (LoRA data)")
+    d.add_argument("--paths", choices=("outward", "across"), default="outward",
+                   help="outward: shapes start near the centre and head for the named side; across: a path "
+                        "anywhere it fits (the clips the demo VAE was trained on)")
 
     v = commands.add_parser("train-vae", help="train the V3 slice VAE")
     v.add_argument("--data", required=True, help="data folder (clips.npy + captions.txt, or videos + .txt)")
@@ -104,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--lr", type=float, default=1e-3)
     v.add_argument("--kl-weight", type=float, default=1e-4)
     v.add_argument("--object-weight", type=float, default=9.0)
+    v.add_argument("--temporal-weight", type=float, default=0.0,
+                   help="weight of the latents' frame-to-frame change (makes latent frames follow moving objects)")
+    v.add_argument("--preview-weight", type=float, default=0.0,
+                   help="weight of a linear RGB preview of each latent frame matching its own frames "
+                        "(makes latent frames show where a moving object is at their time)")
+    v.add_argument("--init-from", default=None, help="start from this VAE (vae/ folder or a train-vae run): fine-tuning")
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--threads", type=int, default=2)
     v.add_argument("--stop-at", type=int, default=None, help="stop after this step (run again to resume)")
@@ -124,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     dt.add_argument("--out", required=True, help="run folder (checkpoints, loss.jsonl, latents.pt, model/)")
     dt.add_argument("--steps", type=int, default=5000)
     dt.add_argument("--lr", type=float, default=5e-4)
+    dt.add_argument("--warmup", type=int, default=200, help="steps of linear learning-rate warm-up")
+    dt.add_argument("--init-from", default=None,
+                    help="start from this release folder's transformer (fine-tuning; same text encoder and VAE)")
     dt.add_argument("--video-batch", type=int, default=16)
     dt.add_argument("--image-batch", type=int, default=32)
     dt.add_argument("--high-noise-fraction", type=float, default=0.0,
@@ -524,7 +536,7 @@ def cmd_make_data(args) -> int:
     count = write_folder(args.out, args.count, args.seed, frames=args.frames, size=args.size,
                          shapes=SHAPES if args.all_shapes else BASE_SHAPES, force_shape=args.draw_shape,
                          force_colour=args.draw_colour,
-                         include_held_out=args.all_shapes)
+                         include_held_out=args.all_shapes, paths=args.paths)
     print(f"wrote {count} clips to {args.out} in {time.time() - started:.0f} s")
     return 0
 
@@ -537,7 +549,9 @@ def cmd_train_vae(args) -> int:
     from .train.vae import VAETrainConfig, train_vae
 
     train_vae(VAETrainConfig(data=args.data, out=args.out, steps=args.steps, lr=args.lr, kl_weight=args.kl_weight,
-                             object_weight=args.object_weight, seed=args.seed, threads=args.threads,
+                             object_weight=args.object_weight, temporal_weight=args.temporal_weight,
+                             preview_weight=args.preview_weight,
+                             init_from=args.init_from, seed=args.seed, threads=args.threads,
                              stop_at=args.stop_at, **_save_every(args)))
     return 0
 
@@ -558,7 +572,8 @@ def cmd_train_dit(args) -> int:
     from .train.dit import DiTTrainConfig, train_dit
 
     folder = train_dit(DiTTrainConfig(data=args.data, vae=args.vae, text=args.text, out=args.out, steps=args.steps,
-                                      lr=args.lr, video_batch=args.video_batch, image_batch=args.image_batch,
+                                      lr=args.lr, warmup=args.warmup, init_from=args.init_from,
+                                      video_batch=args.video_batch, image_batch=args.image_batch,
                                       high_noise_fraction=args.high_noise_fraction,
                                       high_noise_from_step=args.high_noise_from_step,
                                       first_frame_prob=args.first_frame_prob, mse_weight_cap=args.mse_weight_cap,

@@ -2,6 +2,7 @@
 import random
 
 import numpy as np
+import pytest
 
 from easyanimate.train import synthetic as syn
 from easyanimate.evaluate import analyze_video
@@ -44,7 +45,38 @@ def test_object_stays_inside_the_frame_and_moves_as_specified():
             assert spec.radius <= x <= 64 - spec.radius and spec.radius <= y <= 64 - spec.radius
         video = syn.render_clip(spec)
         assert video.shape == (16, 64, 64, 3) and video.min() >= 0 and video.max() <= 1
-        assert np.abs(np.diff(video, axis=0)).max() >= 0.5  # it moves
+        assert np.abs(video[-1] - video[0]).max() >= 0.5  # it moves
+
+
+def test_shapes_start_near_the_centre_and_head_for_their_side():
+    """So the clip's average position tells the direction, at any frame count and size."""
+    for frames, size in ((8, 32), (16, 64), (25, 96)):
+        for spec in syn.make_specs(40, seed=4, frames=frames, size=size):
+            dx, dy = syn.DIRECTIONS[spec.direction]
+            (x0, y0), (x1, y1) = spec.centre(0), spec.centre(frames - 1)
+            start, end, sign = (x0, x1, dx) if dx else (y0, y1, dy)
+            assert abs(start - size / 2) <= syn.CENTRE_JITTER * size + 1e-6
+            room = (size - spec.radius - 1 - start) if sign > 0 else (start - spec.radius - 1)
+            travel = sign * (end - start)
+            assert syn.TRAVEL_SHARE[0] * room - 1e-6 <= travel <= syn.TRAVEL_SHARE[1] * room + 1e-6
+            mean_along = (start + end) / 2
+            assert sign * (mean_along - size / 2) > 0.03 * size  # off centre towards the named side
+            for x, y in ((x0, y0), (x1, y1)):
+                assert spec.radius < x < size - spec.radius and spec.radius < y < size - spec.radius
+
+
+def test_paths_across_the_frame_keep_the_earlier_layout():
+    """The 'across' layout (the demo VAE's training clips): 35-55 % of the frame anywhere it fits, so the
+    average position no longer tells the direction; an unknown layout is a clear error."""
+    offsets = {d: [] for d in syn.DIRECTIONS}
+    for spec in syn.make_specs(200, seed=4, paths="across"):
+        assert 0.022 * 64 <= spec.speed <= 0.034 * 64
+        dx, dy = syn.DIRECTIONS[spec.direction]
+        (x0, y0), (x1, y1) = spec.centre(0), spec.centre(15)
+        offsets[spec.direction].append(((x0 + x1) / 2 - 32) * dx + ((y0 + y1) / 2 - 32) * dy)
+    assert all(abs(np.mean(v)) < 3 for v in offsets.values())
+    with pytest.raises(ValueError, match="outward, across"):
+        syn.sample_spec(random.Random(0), paths="diagonal")
 
 
 def test_analyzer_recognises_the_generators_own_clips():

@@ -7,7 +7,8 @@ import torch
 
 from easyanimate.train import synthetic
 from easyanimate.train.common import read_loss_log
-from easyanimate.train.vae import DEMO_VAE_CONFIG, VAETrainConfig, build_trainable_vae, train_vae, vae_loss
+from easyanimate.train.vae import (DEMO_VAE_CONFIG, VAETrainConfig, build_trainable_vae, preview_error,
+                                   preview_target, temporal_change, train_vae, vae_loss)
 
 TINY_VAE = dict(DEMO_VAE_CONFIG, ch=4)
 TINY_DIT = {"num_layers": 2, "num_attention_heads": 1, "attention_head_dim": 32, "cross_attention_dim": 32,
@@ -43,6 +44,77 @@ def test_vae_steps_reduce_the_loss():
         optimizer.step()
         losses.append(loss.item())
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
+
+
+def test_temporal_change_is_the_scale_free_mean_square_step():
+    torch.manual_seed(0)
+    still = torch.randn(2, 4, 1, 3, 3).expand(2, 4, 5, 3, 3)
+    assert temporal_change(still).item() == 0.0
+    moving = torch.randn(2, 4, 5, 3, 3)
+    expected = sum((moving[:, :, i + 1] - moving[:, :, i]).square().mean() for i in range(4)) / 4 / moving.var()
+    assert temporal_change(moving).item() == pytest.approx(expected.item(), rel=1e-4)
+    assert temporal_change(10 * moving).item() == pytest.approx(temporal_change(moving).item(), rel=1e-4)
+    assert temporal_change(moving[:, :, :1]).item() == 0.0  # a lone frame has no step
+
+
+def test_vae_temporal_weight_adds_the_term_and_steadies_the_latents():
+    torch.manual_seed(0)
+    vae = build_trainable_vae(TINY_VAE)
+    spec = synthetic.make_specs(2, seed=3, frames=16, size=32)
+    pixels = torch.stack([torch.from_numpy(synthetic.render_clip(s, 16, 32)) for s in spec]).permute(0, 4, 1, 2, 3) * 2 - 1
+    torch.manual_seed(1)
+    plain, plain_terms = vae_loss(vae, pixels, 1e-4, 9.0)
+    torch.manual_seed(1)
+    with_term, terms = vae_loss(vae, pixels, 1e-4, 9.0, temporal_weight=0.5)
+    assert "temporal" not in plain_terms and terms["temporal"] > 0
+    assert with_term.item() == pytest.approx(plain.item() + 0.5 * terms["temporal"], rel=1e-5)
+    optimizer = torch.optim.Adam(vae.model.parameters(), lr=3e-3)
+    for _ in range(15):
+        loss, terms_now = vae_loss(vae, pixels, 1e-4, 9.0, temporal_weight=1.0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert terms_now["temporal"] < 0.5 * terms["temporal"]
+
+
+def test_preview_target_averages_each_latent_frames_own_pixels():
+    torch.manual_seed(0)
+    pixels = torch.rand(2, 3, 16, 32, 32) * 2 - 1
+    target = preview_target(pixels, (2, 4, 4, 4, 4))
+    assert target.shape == (2, 3, 4, 4, 4)
+    # latent frame 2, cell (1, 3) stands for frames 8..11, pixels 8..15 x 24..31
+    assert target[1, :, 2, 1, 3].tolist() == pytest.approx(pixels[1, :, 8:12, 8:16, 24:32].mean((1, 2, 3)).tolist(), abs=1e-6)
+    assert preview_target(pixels[:, :, :1], (2, 4, 1, 4, 4)).shape == (2, 3, 1, 4, 4)
+    with pytest.raises(ValueError, match="do not split evenly"):
+        preview_target(pixels[:, :, :15], (2, 4, 4, 4, 4))
+
+
+def test_preview_error_is_zero_for_latents_that_show_their_frames():
+    torch.manual_seed(0)
+    pixels = torch.rand(1, 3, 16, 32, 32) * 2 - 1
+    target = preview_target(pixels, (1, 4, 4, 4, 4))
+    latents = torch.cat([target, torch.randn(1, 1, 4, 4, 4)], dim=1)  # channels 0-2 are the preview
+    head = torch.nn.Linear(4, 3)
+    with torch.no_grad():
+        head.weight.copy_(torch.eye(3, 4))
+        head.bias.zero_()
+    assert preview_error(latents, pixels, head, 9.0).item() < 1e-10
+    shifted = latents.roll(1, dims=-1)  # the object one cell off
+    assert preview_error(shifted, pixels, head, 9.0).item() > 1e-3
+
+
+def test_vae_fine_tuning_starts_from_the_given_vae(workspace, tmp_path):
+    from easyanimate.vae import load_vae
+
+    source = load_vae(workspace / "vae", dtype="fp32").model.state_dict()
+    cfg = VAETrainConfig(data=str(workspace / "data"), out=str(tmp_path / "tuned"), steps=1, clips_per_batch=1,
+                         images_per_batch=1, frames=8, lr=0.0, warmup=0, model=TINY_VAE, print_every=1000,
+                         init_from=str(workspace / "vae"), temporal_weight=0.1, preview_weight=1.0)
+    train_vae(cfg)
+    tuned = load_vae(tmp_path / "tuned", dtype="fp32").model.state_dict()
+    assert all(torch.equal(tuned[k], source[k]) for k in source)  # lr 0: the weights are the source's
+    assert {"temporal", "preview"} <= set(read_loss_log(tmp_path / "tuned")[0])
+    assert "preview_head" in torch.load(tmp_path / "tuned" / "checkpoint.pt", weights_only=True)["extra"]
 
 
 def test_vae_run_writes_a_loadable_v3_vae(workspace):
@@ -161,3 +233,34 @@ def test_lora_training_writes_easyanimate_format(workspace):
     transformer = load_transformer(release, dtype="fp32")
     resolved = lora.resolve_lora(str(path), transformer)
     assert resolved.report.complete, resolved.report.summary()
+
+
+def test_dit_fine_tuning_starts_from_the_given_release(workspace):
+    """With a zero learning rate, a fine-tuning run's export is the release it started from."""
+    from easyanimate.loading import load_transformer
+    from easyanimate.train.dit import DiTTrainConfig, train_dit
+
+    release = workspace / "release"
+    if not release.exists():
+        pytest.skip("needs the release of the resume test")
+    tuned = train_dit(DiTTrainConfig(data=str(workspace / "data"), vae=str(workspace / "vae"),
+                                     text=str(workspace / "text"), out=str(workspace / "dit_tuned"), steps=2,
+                                     video_batch=2, image_batch=2, image_every=2, frames=8, save_every=100,
+                                     print_every=1000, warmup=0, lr=0.0, init_from=str(release)))
+    source = load_transformer(release, dtype="fp32").state_dict()
+    result = load_transformer(tuned, dtype="fp32").state_dict()
+    assert source.keys() == result.keys()
+    for key in source:
+        torch.testing.assert_close(result[key], source[key], rtol=0, atol=0)
+    assert [r["step"] for r in read_loss_log(workspace / "dit_tuned")] == [1, 2]
+
+
+def test_train_dit_command_passes_fine_tuning_options(monkeypatch):
+    from easyanimate import cli
+    from easyanimate.train import dit
+
+    seen = {}
+    monkeypatch.setattr(dit, "train_dit", lambda cfg: seen.setdefault("cfg", cfg) and None)
+    assert cli.main(["train-dit", "--data", "d", "--vae", "v", "--text", "t", "--out", "o",
+                     "--init-from", "release", "--warmup", "7"]) == 0
+    assert seen["cfg"].init_from == "release" and seen["cfg"].warmup == 7

@@ -47,6 +47,18 @@ CAPTION_TEMPLATES = (
 )
 IMAGE_TEMPLATE = "a {colour} {shape} on a {background} background"
 
+# Shapes start near the centre (within CENTRE_JITTER of the frame size along the motion axis) and cover
+# TRAVEL_SHARE of the way to the edge they head for. So where a shape is, averaged over the clip, already
+# tells its direction ("right" = right of centre): a word-to-layout rule of the kind a small transformer
+# learns from captions, as it learns colours. (With shapes anywhere on a path across the frame, the clip's
+# average position is the same for every direction, and direction is only the product of word, frame time
+# and position; the demo transformer trained 10000 steps on such clips and never used the direction word.)
+CENTRE_JITTER = 0.06
+TRAVEL_SHARE = (0.8, 1.0)
+# `paths="across"` gives those earlier clips (same seed, same clips): a straight path of 35-55 % of the
+# frame placed anywhere it fits. The demo's VAE was trained on them.
+PATHS = ("outward", "across")
+
 SUPERSAMPLE = 4
 STAR_INNER_RATIO = 0.5  # inner / outer radius: a fat star stays recognisable at 64 px
 
@@ -81,16 +93,23 @@ def training_pairs(shapes=BASE_SHAPES) -> list[tuple[str, str]]:
 
 def sample_spec(rng: random.Random, *, frames: int = 16, size: int = 64, pairs=None, shape: str | None = None,
                 colour: str | None = None, direction: str | None = None, background: str | None = None,
-                template: int | None = None) -> ClipSpec:
-    """A random clip whose shape stays entirely inside the frame for all `frames` frames."""
+                template: int | None = None, paths: str = "outward") -> ClipSpec:
+    """A random clip whose shape stays entirely inside the frame for all `frames` frames; `paths` (PATHS)
+    says where its path lies."""
+    if paths not in PATHS:
+        raise ValueError(f"Unknown path layout '{paths}': use one of {', '.join(PATHS)}.")
     if colour is None or shape is None:
         c, s = rng.choice(pairs or training_pairs())
         colour, shape = colour or c, shape or s
     direction = direction or rng.choice(list(DIRECTIONS))
     background = background or rng.choice(list(BACKGROUNDS))
     radius = rng.uniform(0.14, 0.18) * size
-    speed = rng.uniform(0.022, 0.034) * size  # 16 frames travel 35-55 % of the frame
-    x0, y0 = start_position(rng, direction, radius, speed * (frames - 1), size)
+    if paths == "outward":
+        x0, y0, travel = outward_path(rng, direction, radius, size)
+        speed = travel / max(frames - 1, 1)
+    else:
+        speed = rng.uniform(0.022, 0.034) * size  # 16 frames travel 35-55 % of the frame
+        x0, y0 = start_position(rng, direction, radius, speed * (frames - 1), size)
     if template is None:
         template = 0 if rng.random() < 0.6 else rng.randrange(1, len(CAPTION_TEMPLATES))
     return ClipSpec(colour, shape, direction, background, radius, speed, x0, y0, template)
@@ -110,6 +129,18 @@ def start_position(rng: random.Random, direction: str, radius: float, travel: fl
         return rng.uniform(margin, size - margin)
 
     return axis_start(dx), axis_start(dy)
+
+
+def outward_path(rng: random.Random, direction: str, radius: float, size: int) -> tuple[float, float, float]:
+    """Start (x, y) near the centre along the motion axis (anywhere across it) and the travel in pixels
+    towards `direction` that keeps a shape of `radius` inside the frame."""
+    margin = radius + 1
+    dx, dy = DIRECTIONS[direction]
+    along = size / 2 + rng.uniform(-CENTRE_JITTER, CENTRE_JITTER) * size
+    room = (size - margin - along) if (dx or dy) > 0 else (along - margin)
+    travel = rng.uniform(*TRAVEL_SHARE) * room
+    across = rng.uniform(margin, size - margin)
+    return (along, across, travel) if dx else (across, along, travel)
 
 
 def caption(spec: ClipSpec, template: int | None = None) -> str:
@@ -181,25 +212,28 @@ def render_clip(spec: ClipSpec, frames: int = 16, size: int = 64) -> np.ndarray:
     return video
 
 
-def make_specs(count: int, seed: int, *, frames: int = 16, size: int = 64, pairs=None, **fixed) -> list[ClipSpec]:
+def make_specs(count: int, seed: int, *, frames: int = 16, size: int = 64, pairs=None, paths: str = "outward",
+               **fixed) -> list[ClipSpec]:
     rng = random.Random(seed)
-    return [sample_spec(rng, frames=frames, size=size, pairs=pairs, **fixed) for _ in range(count)]
+    return [sample_spec(rng, frames=frames, size=size, pairs=pairs, paths=paths, **fixed) for _ in range(count)]
 
 
 def write_folder(folder, count: int, seed: int, *, frames: int = 16, size: int = 64, shapes=BASE_SHAPES,
-                 force_shape: str | None = None, force_colour: str | None = None, include_held_out: bool = False) -> int:
+                 force_shape: str | None = None, force_colour: str | None = None, include_held_out: bool = False,
+                 paths: str = "outward") -> int:
     """Write `count` clips as a data folder (`clips.npy` uint8 (N, F, H, W, 3) + `captions.txt`, one a line,
     + `specs.jsonl` with the ground truth). `force_shape` draws that shape whatever the caption says (the
     LoRA data: captions name circles, squares and triangles, the pixels show stars); `force_colour` likewise
     paints every object in that colour (the demo LoRA: captions name any colour, the pixels are magenta). `include_held_out`
-    also draws the held-out colour/shape pairs (the VAE, which knows nothing of captions, sees everything)."""
+    also draws the held-out colour/shape pairs (the VAE, which knows nothing of captions, sees everything);
+    `paths` is passed to `sample_spec`."""
     import json
     from pathlib import Path
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     pairs = [(c, s) for c in COLOURS for s in shapes] if include_held_out else training_pairs(shapes)
-    specs = make_specs(count, seed, frames=frames, size=size, pairs=pairs)
+    specs = make_specs(count, seed, frames=frames, size=size, pairs=pairs, paths=paths)
     clips = np.empty((count, frames, size, size, 3), dtype=np.uint8)
     for i, spec in enumerate(specs):
         drawn = ClipSpec(**{**spec.as_dict(), "shape": force_shape or spec.shape, "colour": force_colour or spec.colour})

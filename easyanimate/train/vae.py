@@ -9,7 +9,10 @@ inference driver uses. Single frames go through the lone-frame path (what images
     python -m easyanimate train-vae --data DATA --out RUN --steps 1200
 
 Loss = L1 + MSE (pixels in [-1, 1], pixels off the frame's median colour weighted `object_weight` times
-more) + kl_weight * KL(posterior || N(0, 1)) (mean over latent elements).
+more) + kl_weight * KL(posterior || N(0, 1)) (mean over latent elements), optionally + temporal_weight *
+the latents' frame-to-frame change (`temporal_change`), optionally + preview_weight * the error of a linear
+preview of each latent frame against its frames' pooled colours (`preview_error`), which makes the latent
+frames show where the object is at their time, as the transformer's motion modules expect.
 At the end the latents of a sample of the data set give the `scaling_factor` (1 / std) that makes them
 roughly unit variance for the diffusion model, written into the config like the released 0.18215.
 """
@@ -20,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .common import LossLog, Progress, load_checkpoint, save_checkpoint, save_weights, start_run, warmup_cosine
 from .data import read_folder, to_model_pixels
@@ -63,6 +67,9 @@ class VAETrainConfig:
     warmup: int = 50
     kl_weight: float = 1e-4
     object_weight: float = 9.0  # extra weight of pixels that differ from their frame's median colour (0: none)
+    temporal_weight: float = 0.0  # weight of `temporal_change` (0: the plain reconstruction + KL objective)
+    preview_weight: float = 0.0  # weight of `preview_error` (0: off)
+    init_from: str | None = None  # start from this VAE (a vae/ folder or a run holding one): fine-tuning
     seed: int = 0
     threads: int = 2
     save_every: int = 200
@@ -99,7 +106,54 @@ def foreground_weights(pixels: torch.Tensor, object_weight: float) -> torch.Tens
     return 1 + object_weight * foreground.float()
 
 
-def vae_loss(vae, pixels: torch.Tensor, kl_weight: float, object_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
+def temporal_change(latent_mean: torch.Tensor) -> torch.Tensor:
+    """Mean square step between consecutive latent frames over the latents' variance (scale-free).
+
+    Left alone, the slice VAE keeps an object in place across the 2 latents of an 8-frame slice, codes the
+    motion inside the slice in its channels and jumps the object at the slice border (measured by
+    `evaluate.latent_motion_profile`). The transformer's motion modules mostly attend along time at one
+    position, so for them a latent video whose object moves a little at every latent frame is the easier
+    one to learn; penalising the squared steps favours it (for a fixed path, equal steps have the
+    smallest sum of squares) and counts the step across a slice border like any other. On its own it
+    mostly stills the latents instead (measured on the demo data: the step at the slice border fell from
+    1.37 to 0.50 cells while the steps inside the slices did not grow); `preview_error` gives them a target."""
+    if latent_mean.shape[2] < 2:
+        return latent_mean.new_zeros(())
+    return latent_mean.diff(dim=2).square().mean() / (latent_mean.var() + 1e-6)
+
+
+def preview_target(pixels: torch.Tensor, latent_shape) -> torch.Tensor:
+    """What latent frame k should show: the mean of the pixel frames it stands for (8-frame slice -> 2
+    latents: 4 frames each; a lone frame -> itself), average-pooled to the latent grid. (B, 3, F_lat, h, w)."""
+    b, c, f, h, w = pixels.shape
+    f_lat, h_lat, w_lat = latent_shape[2:]
+    if f % f_lat:
+        raise ValueError(f"{f} frames do not split evenly into {f_lat} latent frames")
+    frames = pixels.reshape(b, c, f_lat, f // f_lat, h, w).mean(3)
+    return F.adaptive_avg_pool3d(frames, (f_lat, h_lat, w_lat))
+
+
+def preview_error(latent_mean: torch.Tensor, pixels: torch.Tensor, head: torch.nn.Linear, object_weight: float) -> torch.Tensor:
+    """Weighted MSE between `head` (latent channels -> RGB, trained with the VAE, not saved with it) applied
+    to each latent cell and `preview_target`. The weights are the pooled `foreground_weights`, so the cells
+    the object covers dominate.
+
+    Without it the slice VAE keeps an object in place across the 2 latents of an 8-frame slice and codes
+    the motion inside the slice in its channels (`evaluate.latent_motion_profile`), so the object jumps at
+    every slice border; penalising the frame-to-frame change instead (`temporal_change`) gives latents that
+    hardly move at all. A preview of each latent frame that has to match its own frames pins the object to
+    where it is at that time. (Released VAEs have such a preview too: hosts show latents with a fixed
+    linear latent -> RGB map.)"""
+    target = preview_target(pixels, latent_mean.shape)
+    preview = torch.einsum("bcfhw,rc->brfhw", latent_mean, head.weight) + head.bias[None, :, None, None, None]
+    weight = F.adaptive_avg_pool3d(foreground_weights(pixels, object_weight), latent_mean.shape[2:])
+    weight = weight / weight.mean()
+    return (weight * (preview - target).square()).mean()
+
+
+def vae_loss(vae, pixels: torch.Tensor, kl_weight: float, object_weight: float = 0.0,
+             temporal_weight: float = 0.0, preview_head: torch.nn.Linear | None = None,
+             preview_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
     from ..models.vae_magvit import DiagonalGaussian
 
     posterior = DiagonalGaussian(encode_moments(vae, pixels))
@@ -110,7 +164,17 @@ def vae_loss(vae, pixels: torch.Tensor, kl_weight: float, object_weight: float =
     l1 = (weight * (recon - pixels).abs()).mean()
     mse = (weight * (recon - pixels).square()).mean()
     kl = 0.5 * (posterior.mean.square() + posterior.logvar.exp() - 1 - posterior.logvar).mean()
-    return l1 + mse + kl_weight * kl, {"l1": l1.item(), "mse": mse.item(), "kl": kl.item()}
+    loss = l1 + mse + kl_weight * kl
+    terms = {"l1": l1.item(), "mse": mse.item(), "kl": kl.item()}
+    if temporal_weight > 0:
+        change = temporal_change(posterior.mean)
+        loss = loss + temporal_weight * change
+        terms["temporal"] = change.item()
+    if preview_weight > 0:
+        error = preview_error(posterior.mean, pixels, preview_head, object_weight)
+        loss = loss + preview_weight * error
+        terms["preview"] = error.item()
+    return loss, terms
 
 
 def build_trainable_vae(model_config: dict):
@@ -130,8 +194,19 @@ def train_vae(cfg: VAETrainConfig) -> Path:
 
     vae = build_trainable_vae(cfg.model)
     model = vae.model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
-    start, _ = load_checkpoint(run, model, optimizer)
+    if cfg.init_from:
+        from ..vae import load_vae
+
+        source = Path(cfg.init_from)
+        source = source / "vae" if (source / "vae").is_dir() else source
+        model.load_state_dict(load_vae(source, dtype="fp32").model.state_dict())
+    # The preview head only exists during training; the checkpoint keeps it next to the VAE.
+    preview_head = torch.nn.Linear(cfg.model["latent_channels"], 3)
+    parameters = list(model.parameters()) + (list(preview_head.parameters()) if cfg.preview_weight > 0 else [])
+    optimizer = torch.optim.AdamW(parameters, lr=cfg.lr, weight_decay=0.0)
+    start, extra = load_checkpoint(run, model, optimizer)
+    if "preview_head" in extra:
+        preview_head.load_state_dict(extra["preview_head"])
     if start:
         print(f"resuming VAE training at step {start}", flush=True)
     log = LossLog(run, cfg.print_every, resume_step=start)
@@ -148,19 +223,22 @@ def train_vae(cfg: VAETrainConfig) -> Path:
         clips = to_model_pixels(data.clips[np.sort(clip_ids)])
         images = to_model_pixels(data.clips[image_ids, frame_ids][:, None])
 
-        video_loss, video_terms = vae_loss(vae, clips, cfg.kl_weight, cfg.object_weight)
-        image_loss, image_terms = vae_loss(vae, images, cfg.kl_weight, cfg.object_weight)
+        video_loss, video_terms = vae_loss(vae, clips, cfg.kl_weight, cfg.object_weight, cfg.temporal_weight,
+                                           preview_head, cfg.preview_weight)
+        image_loss, image_terms = vae_loss(vae, images, cfg.kl_weight, cfg.object_weight, 0.0, preview_head,
+                                           cfg.preview_weight)
         loss = video_loss + 0.5 * image_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
 
         log.write(step + 1, loss=loss.item(), video_l1=video_terms["l1"], image_l1=image_terms["l1"],
-                  kl=video_terms["kl"], lr=optimizer.param_groups[0]["lr"])
+                  kl=video_terms["kl"], **{k: video_terms[k] for k in ("temporal", "preview") if k in video_terms},
+                  lr=optimizer.param_groups[0]["lr"])
         progress.update(loss=loss.item())
         if (step + 1) % cfg.save_every == 0 or step + 1 in (cfg.steps, cfg.stop_at):
-            save_checkpoint(run, step + 1, model, optimizer)
+            save_checkpoint(run, step + 1, model, optimizer, extra={"preview_head": preview_head.state_dict()})
         if step + 1 == cfg.stop_at:
             progress.close()
             print(f"stopped at step {step + 1} of {cfg.steps}; run again to resume", flush=True)

@@ -43,6 +43,8 @@ def generation_defaults(model_path: Path) -> dict:
 
 # ------------------------------------------------------------------------------------------ parser
 def build_parser() -> argparse.ArgumentParser:
+    from .train.synthetic import PATHS  # numpy only: cheap
+
     parser = argparse.ArgumentParser(prog="python -m easyanimate", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="Run `python -m easyanimate <command> --help` for a command's options.")
@@ -96,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--all-shapes", action="store_true", help="include the star and the held-out colour/shape pairs (VAE data)")
     d.add_argument("--draw-shape", default=None, help="draw this shape whatever the caption says (LoRA data, e.g. star)")
     d.add_argument("--draw-colour", default=None, help="paint every object this colour whatever the caption says (LoRA data)")
-    d.add_argument("--paths", choices=("outward", "across"), default="outward",
+    d.add_argument("--paths", choices=PATHS, default=PATHS[0],
                    help="outward: shapes start near the centre and head for the named side; across: a path "
                         "anywhere it fits (the clips the demo VAE was trained on)")
 

@@ -12,7 +12,7 @@ Loss = L1 + MSE (pixels in [-1, 1], pixels off the frame's median colour weighte
 more) + kl_weight * KL(posterior || N(0, 1)) (mean over latent elements), optionally + temporal_weight *
 the latents' frame-to-frame change (`temporal_change`), optionally + preview_weight * the error of a linear
 preview of each latent frame against its frames' pooled colours (`preview_error`), which makes the latent
-frames show where the object is at their time, as the transformer's motion modules expect.
+frames show where the object is at their time (what these terms did on the demo data: easyanimate/demo/README.md).
 At the end the latents of a sample of the data set give the `scaling_factor` (1 / std) that makes them
 roughly unit variance for the diffusion model, written into the config like the released 0.18215.
 """
@@ -111,12 +111,10 @@ def temporal_change(latent_mean: torch.Tensor) -> torch.Tensor:
 
     Left alone, the slice VAE keeps an object in place across the 2 latents of an 8-frame slice, codes the
     motion inside the slice in its channels and jumps the object at the slice border (measured by
-    `evaluate.latent_motion_profile`). The transformer's motion modules mostly attend along time at one
-    position, so for them a latent video whose object moves a little at every latent frame is the easier
-    one to learn; penalising the squared steps favours it (for a fixed path, equal steps have the
-    smallest sum of squares) and counts the step across a slice border like any other. On its own it
-    mostly stills the latents instead (measured on the demo data: the step at the slice border fell from
-    1.37 to 0.50 cells while the steps inside the slices did not grow); `preview_error` gives them a target."""
+    `evaluate.latent_motion_profile`). Penalising the squared steps favours equal steps (for a fixed path
+    they have the smallest sum of squares) and counts the step across a slice border like any other. On its
+    own it mostly stills the latents instead (measured on the demo data: the step at the slice border fell
+    from 1.37 to 0.50 cells while the steps inside the slices did not grow); `preview_error` gives them a target."""
     if latent_mean.shape[2] < 2:
         return latent_mean.new_zeros(())
     return latent_mean.diff(dim=2).square().mean() / (latent_mean.var() + 1e-6)
@@ -138,12 +136,9 @@ def preview_error(latent_mean: torch.Tensor, pixels: torch.Tensor, head: torch.n
     to each latent cell and `preview_target`. The weights are the pooled `foreground_weights`, so the cells
     the object covers dominate.
 
-    Without it the slice VAE keeps an object in place across the 2 latents of an 8-frame slice and codes
-    the motion inside the slice in its channels (`evaluate.latent_motion_profile`), so the object jumps at
-    every slice border; penalising the frame-to-frame change instead (`temporal_change`) gives latents that
-    hardly move at all. A preview of each latent frame that has to match its own frames pins the object to
-    where it is at that time. (Released VAEs have such a preview too: hosts show latents with a fixed
-    linear latent -> RGB map.)"""
+    A preview of each latent frame that has to match its own frames pins the object to where it is at that
+    time, which `temporal_change` alone does not. (Hosts preview released models' latents the same way,
+    with a fixed linear latent -> RGB map.)"""
     target = preview_target(pixels, latent_mean.shape)
     preview = torch.einsum("bcfhw,rc->brfhw", latent_mean, head.weight) + head.bias[None, :, None, None, None]
     weight = F.adaptive_avg_pool3d(foreground_weights(pixels, object_weight), latent_mean.shape[2:])

@@ -31,6 +31,12 @@ def setup(seed: int, threads: int | None = None) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def subfolder_or_self(folder, sub: str) -> Path:
+    """`folder/sub` when it exists (a run or release folder holding e.g. vae/), else `folder` itself."""
+    folder = Path(folder)
+    return folder / sub if (folder / sub).is_dir() else folder
+
+
 def start_run(cfg) -> tuple[Path, torch.Generator]:
     """Seed and cap threads from a training config (a dataclass with seed, threads, out), create its run
     folder and record the config there. Returns (run folder, seeded generator)."""

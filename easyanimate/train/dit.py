@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 
 from .common import (EMA, LossLog, Progress, count_parameters, load_checkpoint, save_checkpoint, save_weights,
-                     start_run, warmup_cosine)
+                     start_run, subfolder_or_self, warmup_cosine)
 
 # The V3 InP transformer, shrunk: every block keeps self-attention, the V3 global motion module
 # (even blocks temporal+temporal, odd blocks temporal+global attention), cross-attention and the
@@ -387,11 +387,6 @@ def training_loss(model, diffusion: Diffusion, batch: dict, mse_weight_cap: floa
 
 
 # ------------------------------------------------------------------------------------ the loop
-def _find(folder, sub: str) -> Path:
-    folder = Path(folder)
-    return folder / sub if (folder / sub).is_dir() else folder
-
-
 def cached_latents(run: Path, data, vae, text, frames: int, seed: int) -> "LatentCache":
     """The run's encoded training set: read from `<run>/latents.pt`, or built once and saved there."""
     cache_file = run / "latents.pt"
@@ -405,7 +400,7 @@ def cached_latents(run: Path, data, vae, text, frames: int, seed: int) -> "Laten
 def train_dit(cfg: DiTTrainConfig) -> Path:
     """Train (or resume) and write the release folder `<out>/model`. Returns that folder."""
     run, _ = start_run(cfg)
-    cache = cached_latents(run, cfg.data, _find(cfg.vae, "vae"), cfg.text, cfg.frames, cfg.seed)
+    cache = cached_latents(run, cfg.data, subfolder_or_self(cfg.vae, "vae"), cfg.text, cfg.frames, cfg.seed)
 
     config = demo_transformer_config(cfg.model)
     config["caption_channels"] = int(cache.text.shape[-1])
@@ -466,7 +461,8 @@ def export_release(folder, transformer_state: dict, transformer_config: dict, va
     """Write a V3 release folder: transformer/ (fp16), vae/, text_encoder/, tokenizer/, scheduler/."""
     folder = Path(folder)
     save_weights(folder / "transformer", transformer_state, transformer_config, dtype=torch.float16)
-    for sub, source in (("vae", _find(vae_source, "vae")), ("text_encoder", Path(text_source) / "text_encoder"),
+    for sub, source in (("vae", subfolder_or_self(vae_source, "vae")),
+                        ("text_encoder", Path(text_source) / "text_encoder"),
                         ("tokenizer", Path(text_source) / "tokenizer")):
         if (folder / sub).resolve() != source.resolve():
             shutil.rmtree(folder / sub, ignore_errors=True)

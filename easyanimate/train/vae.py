@@ -25,7 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .common import LossLog, Progress, load_checkpoint, save_checkpoint, save_weights, start_run, warmup_cosine
+from .common import (LossLog, Progress, load_checkpoint, save_checkpoint, save_weights, start_run, subfolder_or_self,
+                     warmup_cosine)
 from .data import read_folder, to_model_pixels
 
 # A small V3 VAE: same block types and key structure as the release, widths 8..64 instead of 128..512.
@@ -192,9 +193,7 @@ def train_vae(cfg: VAETrainConfig) -> Path:
     if cfg.init_from:
         from ..vae import load_vae
 
-        source = Path(cfg.init_from)
-        source = source / "vae" if (source / "vae").is_dir() else source
-        model.load_state_dict(load_vae(source, dtype="fp32").model.state_dict())
+        model.load_state_dict(load_vae(subfolder_or_self(cfg.init_from, "vae"), dtype="fp32").model.state_dict())
     # The preview head only exists during training; the checkpoint keeps it next to the VAE.
     preview_head = torch.nn.Linear(cfg.model["latent_channels"], 3)
     parameters = list(model.parameters()) + (list(preview_head.parameters()) if cfg.preview_weight > 0 else [])

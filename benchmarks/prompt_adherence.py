@@ -9,6 +9,7 @@ for another colour, the fraction that shows a magenta object (the LoRA rows use 
     python benchmarks/prompt_adherence.py                       # the demo model and its LoRA
     python benchmarks/prompt_adherence.py --model FOLDER --lora FILE:1.0 --json results.json
     python benchmarks/prompt_adherence.py --no-lora
+    python benchmarks/prompt_adherence.py --repeats 3            # the same prompts with 3 seed sets (3x the videos)
 
 Targets (held-out pairs, no LoRA): colour >= 90 %, direction >= 80 %, all three >= 60 %;
 magenta seen >= 80 % with the LoRA and <= 10 % without. About 2-4 minutes on 2 CPU cores.

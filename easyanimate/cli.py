@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight of a linear RGB preview of each latent frame matching its own frames "
                         "(makes latent frames show where a moving object is at their time)")
     v.add_argument("--init-from", default=None, help="start from this VAE (vae/ folder or a train-vae run): fine-tuning")
+    v.add_argument("--decoder-only", action="store_true",
+                   help="with --init-from: train the decoder alone, keeping the encoder, its latents and the "
+                        "scaling factor, so a transformer trained on them still fits")
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--threads", type=int, default=2)
     v.add_argument("--stop-at", type=int, default=None, help="stop after this step (run again to resume)")
@@ -173,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", default=None, help="release folder (default: the demo)")
     e.add_argument("--lora", default=None, metavar="PATH[:STRENGTH]", help="LoRA to evaluate (default: the demo's magenta LoRA)")
     e.add_argument("--no-lora", action="store_true", help="skip the LoRA rows")
+    e.add_argument("--repeats", type=int, default=1,
+                   help="run the prompt set this many times with other seeds (1: the 48 + 40 videos of the table)")
     e.add_argument("--json", default=None, help="also write every video's analysis to this JSON file")
     e.add_argument("--threads", type=int, default=None)
 
@@ -553,8 +558,8 @@ def cmd_train_vae(args) -> int:
     train_vae(VAETrainConfig(data=args.data, out=args.out, steps=args.steps, lr=args.lr, kl_weight=args.kl_weight,
                              object_weight=args.object_weight, temporal_weight=args.temporal_weight,
                              preview_weight=args.preview_weight,
-                             init_from=args.init_from, seed=args.seed, threads=args.threads,
-                             stop_at=args.stop_at, **_save_every(args)))
+                             init_from=args.init_from, decoder_only=args.decoder_only, seed=args.seed,
+                             threads=args.threads, stop_at=args.stop_at, **_save_every(args)))
     return 0
 
 
@@ -604,6 +609,8 @@ def cmd_evaluate(args) -> int:
     from .pipeline import load_model
     from .train.common import Progress
 
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be at least 1, got {args.repeats}")
     if args.threads:
         torch.set_num_threads(args.threads)
     model_path = Path(args.model) if args.model else demo_model_path()
@@ -616,15 +623,16 @@ def cmd_evaluate(args) -> int:
             lora = model_path / DEMO_LORA
             strength = float(defaults.get("lora_strength", 1.0))
     model = load_model(model_path, dtype="fp32")
-    total = 48 + (40 if lora else 0)
+    total = (48 + (40 if lora else 0)) * args.repeats
     progress = Progress(total, "evaluate")
     table, data = adherence_report(
-        model, lora, strength, progress=lambda done, n: progress.update(1),
+        model, lora, strength, progress=lambda done, n: progress.update(1), repeats=args.repeats,
         frames=defaults["frames"], height=defaults["height"], width=defaults["width"], steps=defaults["steps"],
         guidance_scale=defaults["guidance_scale"], sampler=defaults["sampler"])
     progress.close()
+    seeds = f"; prompt set x {args.repeats} seeds" if args.repeats > 1 else ""
     print(f"model {model_path.name}; {defaults['sampler']}, {defaults['steps']} steps, CFG {defaults['guidance_scale']}; "
-          f"LoRA {Path(lora).name + f' at {strength}' if lora else 'none'}; {data['seconds']} s")
+          f"LoRA {Path(lora).name + f' at {strength}' if lora else 'none'}{seeds}; {data['seconds']} s")
     print(table)
     if args.json:
         Path(args.json).write_text(json.dumps(data, indent=2))

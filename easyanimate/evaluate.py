@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import colorsys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Sequence
 
 import numpy as np
@@ -197,9 +197,16 @@ class PromptCase:
         return prompt_for(self.colour, self.shape, self.direction, self.background)
 
 
-def prompt_cases() -> list[PromptCase]:
+REPEAT_SEED_STEP = 5000  # repeat k of the prompt set uses seeds 1000 + 5000 k onwards
+
+
+def prompt_cases(repeats: int = 1) -> list[PromptCase]:
     """48 fixed cases: the 12 seen colour/shape pairs x 2 directions, the 6 held-out pairs x 4 directions;
-    directions and backgrounds rotate so each appears equally often in each group."""
+    directions and backgrounds rotate so each appears equally often in each group. `repeats` > 1 appends
+    the same prompts with other seeds: with 24 videos a group moves in steps of 4.2 %, and a single seed
+    set can sit several steps from the model's rate."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
     directions, backgrounds = list(DIRECTIONS), list(BACKGROUNDS)
     cases = []
     for i, (colour, shape) in enumerate(training_pairs()):
@@ -209,7 +216,7 @@ def prompt_cases() -> list[PromptCase]:
     for i, (colour, shape) in enumerate(sorted(HELD_OUT_PAIRS)):
         for j, d in enumerate(directions):
             cases.append(PromptCase(colour, shape, d, backgrounds[(i + j) % 2], True, 1000 + len(cases)))
-    return cases
+    return [replace(c, seed=c.seed + REPEAT_SEED_STEP * k) for k in range(repeats) for c in cases]
 
 
 @dataclass
@@ -309,10 +316,12 @@ def format_table(groups: dict[str, dict], attribute=LORA_ATTRIBUTE) -> str:
     return "\n".join(lines)
 
 
-def adherence_report(model, lora_path=None, lora_strength: float = 1.0, progress=None, **options) -> tuple[str, dict]:
-    """Run the whole evaluation (with and without the LoRA when given); returns (table, data)."""
+def adherence_report(model, lora_path=None, lora_strength: float = 1.0, progress=None, repeats: int = 1,
+                     **options) -> tuple[str, dict]:
+    """Run the whole evaluation (with and without the LoRA when given) on `prompt_cases(repeats)`;
+    returns (table, data)."""
     started = time.time()
-    cases = prompt_cases()
+    cases = prompt_cases(repeats)
     base = evaluate_model(model, cases, progress=progress, **options)
     groups = {
         "seen pairs, no LoRA": summarize([r for r in base if not r.case.held_out]),
@@ -328,7 +337,8 @@ def adherence_report(model, lora_path=None, lora_strength: float = 1.0, progress
         groups["other colours, no LoRA"] = summarize([r for r in base if not asks_for(r.case)])
         groups["other colours, with LoRA"] = summarize(with_lora)
         rows += [r.row() for r in with_lora]
-    data = {"groups": groups, "videos": rows, "seconds": round(time.time() - started, 1), "options": options}
+    data = {"groups": groups, "videos": rows, "seconds": round(time.time() - started, 1),
+            "options": dict(options, repeats=repeats)}
     return format_table(groups), data
 
 

@@ -93,6 +93,11 @@ def test_bad_size_is_a_clear_error(capsys):
     assert "HxW" in capsys.readouterr().err
 
 
+def test_evaluate_refuses_zero_repeats_before_loading_anything(capsys):
+    assert cli.main(["evaluate", "--repeats", "0", "--model", "no-such-folder"]) == 2
+    assert "--repeats must be at least 1" in capsys.readouterr().err
+
+
 @needs_demo
 def test_demo_transformer_is_a_plain_v3_checkpoint():
     """The demo loads through the release loader and matches the bare V3 model with its weights: no demo path."""

@@ -21,6 +21,18 @@ def test_prompt_set_has_seen_and_held_out_cases():
     assert cases[0].prompt.startswith("a ") and cases[0].prompt.endswith("background")
 
 
+def test_repeated_prompt_set_keeps_the_prompts_and_changes_only_the_seeds():
+    once, thrice = ev.prompt_cases(), ev.prompt_cases(3)
+    assert thrice[:48] == once  # repeat 0 is the table's own prompt set
+    assert len(thrice) == 144 and len({c.seed for c in thrice}) == 144
+    for k in (1, 2):
+        block = thrice[48 * k:48 * (k + 1)]
+        assert [c.prompt for c in block] == [c.prompt for c in once]
+        assert [c.held_out for c in block] == [c.held_out for c in once]
+    with pytest.raises(ValueError, match="at least 1"):
+        ev.prompt_cases(0)
+
+
 def _blurred(video, passes=2):
     out = video.copy()
     for _ in range(passes):  # a 3x3 box blur, as a soft decoder would draw

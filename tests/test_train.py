@@ -117,6 +117,34 @@ def test_vae_fine_tuning_starts_from_the_given_vae(workspace, tmp_path):
     assert "preview_head" in torch.load(tmp_path / "tuned" / "checkpoint.pt", weights_only=True)["extra"]
 
 
+def test_vae_decoder_only_fine_tuning_keeps_the_encoder_and_the_latent_scale(workspace, tmp_path):
+    from easyanimate.vae import load_vae
+
+    source_vae = load_vae(workspace / "vae", dtype="fp32")
+    source = source_vae.model.state_dict()
+    train_vae(VAETrainConfig(data=str(workspace / "data"), out=str(tmp_path / "dec"), steps=3, clips_per_batch=1,
+                             images_per_batch=1, frames=8, lr=1e-2, warmup=0, model=TINY_VAE, print_every=1000,
+                             init_from=str(workspace / "vae"), decoder_only=True))
+    tuned_vae = load_vae(tmp_path / "dec", dtype="fp32")
+    tuned = tuned_vae.model.state_dict()
+    for key in source:
+        frozen = key.startswith(("encoder.", "quant_conv."))
+        assert torch.equal(tuned[key], source[key]) == frozen, key
+    assert tuned_vae.scaling_factor == source_vae.scaling_factor  # not re-measured: the latents are the same
+    pixels = torch.rand(1, 3, 8, 32, 32) * 2 - 1
+    assert torch.equal(tuned_vae.encode_latents(pixels, sample=False), source_vae.encode_latents(pixels, sample=False))
+
+
+def test_vae_decoder_only_needs_a_vae_to_start_from(workspace, tmp_path):
+    with pytest.raises(ValueError, match="init_from"):
+        train_vae(VAETrainConfig(data=str(workspace / "data"), out=str(tmp_path / "x"), steps=1, model=TINY_VAE,
+                                 decoder_only=True))
+    with pytest.raises(ValueError, match="frozen"):
+        train_vae(VAETrainConfig(data=str(workspace / "data"), out=str(tmp_path / "y"), steps=1, model=TINY_VAE,
+                                 decoder_only=True, init_from=str(workspace / "vae"), preview_weight=1.0))
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()  # refused before any run folder is made
+
+
 def test_vae_run_writes_a_loadable_v3_vae(workspace):
     from easyanimate.vae import load_vae
 
@@ -264,3 +292,16 @@ def test_train_dit_command_passes_fine_tuning_options(monkeypatch):
     assert cli.main(["train-dit", "--data", "d", "--vae", "v", "--text", "t", "--out", "o",
                      "--init-from", "release", "--warmup", "7"]) == 0
     assert seen["cfg"].init_from == "release" and seen["cfg"].warmup == 7
+
+
+def test_train_vae_command_passes_decoder_only(monkeypatch):
+    from easyanimate import cli
+    from easyanimate.train import vae
+
+    seen = {}
+    monkeypatch.setattr(vae, "train_vae", lambda cfg: seen.setdefault("cfg", cfg) and None)
+    assert cli.main(["train-vae", "--data", "d", "--out", "o", "--init-from", "release", "--decoder-only"]) == 0
+    assert seen["cfg"].init_from == "release" and seen["cfg"].decoder_only is True
+    seen.clear()
+    assert cli.main(["train-vae", "--data", "d", "--out", "o2"]) == 0
+    assert seen["cfg"].decoder_only is False

@@ -18,6 +18,7 @@ roughly unit variance for the diffusion model, written into the config like the 
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,6 +72,7 @@ class VAETrainConfig:
     temporal_weight: float = 0.0  # weight of `temporal_change` (0: the plain reconstruction + KL objective)
     preview_weight: float = 0.0  # weight of `preview_error` (0: off)
     init_from: str | None = None  # start from this VAE (a vae/ folder or a run holding one): fine-tuning
+    decoder_only: bool = False  # with init_from: train the decoder alone; the latents (and scaling_factor) stay as they were
     seed: int = 0
     threads: int = 2
     save_every: int = 200
@@ -149,10 +151,11 @@ def preview_error(latent_mean: torch.Tensor, pixels: torch.Tensor, head: torch.n
 
 def vae_loss(vae, pixels: torch.Tensor, kl_weight: float, object_weight: float = 0.0,
              temporal_weight: float = 0.0, preview_head: torch.nn.Linear | None = None,
-             preview_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
+             preview_weight: float = 0.0, decoder_only: bool = False) -> tuple[torch.Tensor, dict]:
     from ..models.vae_magvit import DiagonalGaussian
 
-    posterior = DiagonalGaussian(encode_moments(vae, pixels))
+    with torch.set_grad_enabled(torch.is_grad_enabled() and not decoder_only):
+        posterior = DiagonalGaussian(encode_moments(vae, pixels))
     z = posterior.mean + posterior.std * torch.randn_like(posterior.mean)
     recon = decode_latents(vae, z)
     weight = foreground_weights(pixels, object_weight)
@@ -160,8 +163,10 @@ def vae_loss(vae, pixels: torch.Tensor, kl_weight: float, object_weight: float =
     l1 = (weight * (recon - pixels).abs()).mean()
     mse = (weight * (recon - pixels).square()).mean()
     kl = 0.5 * (posterior.mean.square() + posterior.logvar.exp() - 1 - posterior.logvar).mean()
-    loss = l1 + mse + kl_weight * kl
     terms = {"l1": l1.item(), "mse": mse.item(), "kl": kl.item()}
+    if decoder_only:  # a frozen encoder: the latent terms have nothing to train
+        return l1 + mse, terms
+    loss = l1 + mse + kl_weight * kl
     if temporal_weight > 0:
         change = temporal_change(posterior.mean)
         loss = loss + temporal_weight * change
@@ -184,19 +189,34 @@ def build_trainable_vae(model_config: dict):
 # ------------------------------------------------------------------------------ the loop
 def train_vae(cfg: VAETrainConfig) -> Path:
     """Train (or resume) and write `<out>/vae/` (config.json + safetensors). Returns that folder."""
+    if cfg.decoder_only and not cfg.init_from:
+        raise ValueError("decoder_only fine-tunes an existing VAE's decoder: give init_from (a vae/ folder or a train-vae run)")
+    if cfg.decoder_only and (cfg.temporal_weight or cfg.preview_weight):
+        raise ValueError("temporal_weight and preview_weight shape the latents, which decoder_only keeps frozen: set them to 0")
     run, _ = start_run(cfg)
     data = read_folder(cfg.data, frames=cfg.frames)
     count = len(data)
 
-    vae = build_trainable_vae(cfg.model)
-    model = vae.model
+    model_config = dict(cfg.model)
     if cfg.init_from:
         from ..vae import load_vae
 
-        model.load_state_dict(load_vae(subfolder_or_self(cfg.init_from, "vae"), dtype="fp32").model.state_dict())
+        folder = subfolder_or_self(cfg.init_from, "vae")
+        source = load_vae(folder, dtype="fp32")
+        if cfg.decoder_only:  # same encoder, same latents: a transformer trained on them keeps working
+            model_config = json.loads((Path(folder) / "config.json").read_text())
+    vae = build_trainable_vae(model_config)
+    model = vae.model
+    if cfg.init_from:
+        model.load_state_dict(source.model.state_dict())
+        del source
+    if cfg.decoder_only:
+        model.encoder.requires_grad_(False)
+        model.quant_conv.requires_grad_(False)
     # The preview head only exists during training; the checkpoint keeps it next to the VAE.
-    preview_head = torch.nn.Linear(cfg.model["latent_channels"], 3)
-    parameters = list(model.parameters()) + (list(preview_head.parameters()) if cfg.preview_weight > 0 else [])
+    preview_head = torch.nn.Linear(model_config["latent_channels"], 3)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    parameters += list(preview_head.parameters()) if cfg.preview_weight > 0 else []
     optimizer = torch.optim.AdamW(parameters, lr=cfg.lr, weight_decay=0.0)
     start, extra = load_checkpoint(run, model, optimizer)
     if "preview_head" in extra:
@@ -218,9 +238,9 @@ def train_vae(cfg: VAETrainConfig) -> Path:
         images = to_model_pixels(data.clips[image_ids, frame_ids][:, None])
 
         video_loss, video_terms = vae_loss(vae, clips, cfg.kl_weight, cfg.object_weight, cfg.temporal_weight,
-                                           preview_head, cfg.preview_weight)
+                                           preview_head, cfg.preview_weight, cfg.decoder_only)
         image_loss, image_terms = vae_loss(vae, images, cfg.kl_weight, cfg.object_weight, 0.0, preview_head,
-                                           cfg.preview_weight)
+                                           cfg.preview_weight, cfg.decoder_only)
         loss = video_loss + 0.5 * image_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -238,13 +258,18 @@ def train_vae(cfg: VAETrainConfig) -> Path:
             print(f"stopped at step {step + 1} of {cfg.steps}; run again to resume", flush=True)
             return None
     progress.close()
-    return export_vae(vae, data, run, cfg.model)
+    return export_vae(vae, data, run, model_config, measure_scale=not cfg.decoder_only)
 
 
 @torch.no_grad()
-def export_vae(vae, data, run: Path, model_config: dict, sample: int = 64) -> Path:
-    """Measure the latent scale on a sample of clips and write the release-style `vae/` folder."""
+def export_vae(vae, data, run: Path, model_config: dict, sample: int = 64, measure_scale: bool = True) -> Path:
+    """Measure the latent scale on a sample of clips and write the release-style `vae/` folder.
+    `measure_scale=False` keeps `model_config`'s scaling_factor (a decoder-only fine-tune: the latents did not change)."""
     vae.model.eval()
+    if not measure_scale:
+        folder = save_weights(run / "vae", vae.model.state_dict(), model_config, dtype=torch.float16)
+        print(f"kept scaling_factor {model_config['scaling_factor']}; wrote {folder}", flush=True)
+        return folder
     pick = np.linspace(0, len(data) - 1, min(sample, len(data))).astype(int)
     means = encode_moments(vae, to_model_pixels(data.clips[pick])).chunk(2, dim=1)[0]
     scaling = float(1.0 / means.std())

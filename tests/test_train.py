@@ -131,6 +131,8 @@ def test_vae_decoder_only_fine_tuning_keeps_the_encoder_and_the_latent_scale(wor
         frozen = key.startswith(("encoder.", "quant_conv."))
         assert torch.equal(tuned[key], source[key]) == frozen, key
     assert tuned_vae.scaling_factor == source_vae.scaling_factor  # not re-measured: the latents are the same
+    recorded = json.loads((tmp_path / "dec" / "train_config.json").read_text())
+    assert recorded["decoder_only"] and recorded["model"]["scaling_factor"] == source_vae.scaling_factor
     pixels = torch.rand(1, 3, 8, 32, 32) * 2 - 1
     assert torch.equal(tuned_vae.encode_latents(pixels, sample=False), source_vae.encode_latents(pixels, sample=False))
 

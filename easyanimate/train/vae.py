@@ -15,11 +15,15 @@ preview of each latent frame against its frames' pooled colours (`preview_error`
 frames show where the object is at their time (what these terms did on the demo data: easyanimate/demo/README.md).
 At the end the latents of a sample of the data set give the `scaling_factor` (1 / std) that makes them
 roughly unit variance for the diffusion model, written into the config like the released 0.18215.
+
+`decoder_only` (with `init_from`) trains the decoder alone, on L1 + MSE: the encoder, its latents and the
+scaling factor stay bit for bit, so a transformer trained on those latents still fits. The demo VAE got its
+sharper shapes that way (a decoder trained longer than the encoder; easyanimate/demo/README.md).
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -193,23 +197,20 @@ def train_vae(cfg: VAETrainConfig) -> Path:
         raise ValueError("decoder_only fine-tunes an existing VAE's decoder: give init_from (a vae/ folder or a train-vae run)")
     if cfg.decoder_only and (cfg.temporal_weight or cfg.preview_weight):
         raise ValueError("temporal_weight and preview_weight shape the latents, which decoder_only keeps frozen: set them to 0")
+    source_folder = subfolder_or_self(cfg.init_from, "vae") if cfg.init_from else None
+    if cfg.decoder_only:  # the source's own config, scaling factor included: its latents stay as they are
+        cfg = replace(cfg, model=json.loads((source_folder / "config.json").read_text()))
     run, _ = start_run(cfg)
     data = read_folder(cfg.data, frames=cfg.frames)
     count = len(data)
 
-    model_config = dict(cfg.model)
-    if cfg.init_from:
-        from ..vae import load_vae
-
-        folder = subfolder_or_self(cfg.init_from, "vae")
-        source = load_vae(folder, dtype="fp32")
-        if cfg.decoder_only:  # same encoder, same latents: a transformer trained on them keeps working
-            model_config = json.loads((Path(folder) / "config.json").read_text())
+    model_config = cfg.model
     vae = build_trainable_vae(model_config)
     model = vae.model
-    if cfg.init_from:
-        model.load_state_dict(source.model.state_dict())
-        del source
+    if source_folder:
+        from ..vae import load_vae
+
+        model.load_state_dict(load_vae(source_folder, dtype="fp32").model.state_dict())
     if cfg.decoder_only:
         model.encoder.requires_grad_(False)
         model.quant_conv.requires_grad_(False)

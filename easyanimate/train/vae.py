@@ -204,8 +204,7 @@ def train_vae(cfg: VAETrainConfig) -> Path:
     data = read_folder(cfg.data, frames=cfg.frames)
     count = len(data)
 
-    model_config = cfg.model
-    vae = build_trainable_vae(model_config)
+    vae = build_trainable_vae(cfg.model)
     model = vae.model
     if source_folder:
         from ..vae import load_vae
@@ -215,7 +214,7 @@ def train_vae(cfg: VAETrainConfig) -> Path:
         model.encoder.requires_grad_(False)
         model.quant_conv.requires_grad_(False)
     # The preview head only exists during training; the checkpoint keeps it next to the VAE.
-    preview_head = torch.nn.Linear(model_config["latent_channels"], 3)
+    preview_head = torch.nn.Linear(cfg.model["latent_channels"], 3)
     parameters = [p for p in model.parameters() if p.requires_grad]
     parameters += list(preview_head.parameters()) if cfg.preview_weight > 0 else []
     optimizer = torch.optim.AdamW(parameters, lr=cfg.lr, weight_decay=0.0)
@@ -259,7 +258,7 @@ def train_vae(cfg: VAETrainConfig) -> Path:
             print(f"stopped at step {step + 1} of {cfg.steps}; run again to resume", flush=True)
             return None
     progress.close()
-    return export_vae(vae, data, run, model_config, measure_scale=not cfg.decoder_only)
+    return export_vae(vae, data, run, cfg.model, measure_scale=not cfg.decoder_only)
 
 
 @torch.no_grad()
@@ -267,14 +266,12 @@ def export_vae(vae, data, run: Path, model_config: dict, sample: int = 64, measu
     """Measure the latent scale on a sample of clips and write the release-style `vae/` folder.
     `measure_scale=False` keeps `model_config`'s scaling_factor (a decoder-only fine-tune: the latents did not change)."""
     vae.model.eval()
-    if not measure_scale:
-        folder = save_weights(run / "vae", vae.model.state_dict(), model_config, dtype=torch.float16)
-        print(f"kept scaling_factor {model_config['scaling_factor']}; wrote {folder}", flush=True)
-        return folder
-    pick = np.linspace(0, len(data) - 1, min(sample, len(data))).astype(int)
-    means = encode_moments(vae, to_model_pixels(data.clips[pick])).chunk(2, dim=1)[0]
-    scaling = float(1.0 / means.std())
-    config = dict(model_config, scaling_factor=round(scaling, 5))
+    config = dict(model_config)
+    if measure_scale:
+        pick = np.linspace(0, len(data) - 1, min(sample, len(data))).astype(int)
+        std = encode_moments(vae, to_model_pixels(data.clips[pick])).chunk(2, dim=1)[0].std().item()
+        config["scaling_factor"] = round(1.0 / std, 5)
+        print(f"latent std {std:.4f} -> scaling_factor {config['scaling_factor']}", flush=True)
     folder = save_weights(run / "vae", vae.model.state_dict(), config, dtype=torch.float16)
-    print(f"latent std {means.std().item():.4f} -> scaling_factor {scaling:.5f}; wrote {folder}", flush=True)
+    print(f"scaling_factor {config['scaling_factor']}; wrote {folder}", flush=True)
     return folder

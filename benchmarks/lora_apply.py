@@ -115,7 +115,7 @@ def run(smoke: bool = False, dtype: str = "bf16", layers: int = 4) -> list[dict]
     heads, rank = (4, 8) if smoke else (0, 128)  # 0: the released 16 heads x 72 = hidden 1152
     layers = 2 if smoke else layers
     return [dict(mode=mode, dtype=dtype, **measure(mode, dtype, heads, layers, rank))
-            for mode in ("weights", "layerwise", "hooks")]
+            for mode in ("weights", "hooks")]
 
 
 def print_table(rows: list[dict]) -> None:

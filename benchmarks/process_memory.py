@@ -5,6 +5,8 @@ Each benchmark row runs in a fresh process that builds its inputs, gives freed h
 """
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 
@@ -23,3 +25,22 @@ def reset_peak() -> bool:
         return True
     except OSError:
         return False
+
+
+def busy_seconds() -> float:
+    """CPU time all processes have used since boot, all cores together (/proc/stat)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    user, nice, system, idle, iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+class OtherLoad:
+    """Cores that other processes kept busy on average since this was made: the machine's CPU time
+    (/proc/stat) less this process's own (all its threads)."""
+
+    def __init__(self):
+        self.busy, self.own, self.wall = busy_seconds(), time.process_time(), time.perf_counter()
+
+    def cores(self) -> float:
+        other = (busy_seconds() - self.busy) - (time.process_time() - self.own)
+        return max(0.0, other) / max(time.perf_counter() - self.wall, 1e-9)

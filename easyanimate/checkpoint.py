@@ -22,6 +22,87 @@ LEGACY_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 # Wrapper keys that training scripts put around a state dict in legacy files.
 _WRAPPER_KEYS = ("state_dict", "module", "model")
+# The safetensors format itself refuses headers over 100 MB.
+MAX_SAFETENSORS_HEADER = 100_000_000
+_SAFETENSORS_ITEMSIZE = {
+    "F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
+    "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+}
+# Config files (config.json, generation.json, ...) are small; anything bigger is not one.
+MAX_CONFIG_BYTES = 16 * 2**20
+
+
+def read_json_config(path: str | os.PathLike, *, what: str = "config file", max_bytes: int = MAX_CONFIG_BYTES) -> dict:
+    """A JSON object from `path`, or LayoutError naming the file and what is wrong with it.
+
+    Only regular files up to `max_bytes` are read (a device such as /dev/zero, a folder or a huge file
+    is refused before reading); the content must be UTF-8 JSON holding one object.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise LayoutError(f"The {what} '{path}' does not exist.")
+    if not path.is_file():
+        kind = "a folder" if path.is_dir() else "not a regular file"
+        raise LayoutError(f"The {what} '{path}' is {kind}; expected a JSON file.")
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise LayoutError(
+            f"The {what} '{path}' is {size / 2**20:.1f} MiB; a config is a small JSON file (at most "
+            f"{max_bytes / 2**20:.0f} MiB). Is this the right file?"
+        )
+    try:
+        with open(path, "rb") as f:
+            data = f.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise LayoutError(f"The {what} '{path}' is larger than {max_bytes / 2**20:.0f} MiB; a config is a small JSON file.")
+        value = json.loads(data.decode("utf-8"))
+    except OSError as err:
+        raise LayoutError(f"Cannot read the {what} '{path}': {err.strerror or err}.") from None
+    except UnicodeDecodeError:
+        raise LayoutError(f"The {what} '{path}' is not a text file (not UTF-8); expected JSON.") from None
+    except json.JSONDecodeError as err:
+        raise LayoutError(
+            f"The {what} '{path}' is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}. "
+            "Fix the file, or restore it from the release."
+        ) from None
+    if not isinstance(value, dict):
+        raise LayoutError(f"The {what} '{path}' holds a JSON {type(value).__name__}, not an object of settings.")
+    return value
+
+
+def check_config_against_weights(config_name: str, checks: Iterable[tuple[str, object, object]], weights: str) -> None:
+    """Refuse a config whose sizes contradict the weights, before any model is built from it.
+
+    `checks` are (setting, value the config claims, value read from the weights' shapes); a held value of
+    None means the weights do not tell. Raises CheckpointMismatchError naming `config_name` (the config
+    file, or how the config was given), each wrong setting, the claimed value and what `weights` hold.
+    """
+    wrong = [(key, claimed, held) for key, claimed, held in checks if held is not None and claimed != held]
+    if wrong:
+        details = "; ".join(f"{key} = {_short(claimed)}, but the weights hold {_short(held)}" for key, claimed, held in wrong)
+        raise CheckpointMismatchError(
+            f"{config_name} does not describe the weights in '{weights}': {details} (read from the tensor shapes). "
+            "Use the config.json that came with these weights (or correct those values); nothing was built."
+        )
+
+
+def _short(value) -> str:
+    if isinstance(value, (list, tuple)) and len(value) > 8:
+        return f"[{', '.join(repr(v) for v in value[:6])}, ... ({len(value)} entries)]"
+    text = repr(value)
+    return text if len(text) <= 200 else text[:200] + " ..."
+
+
+def count_indexed(keys: Iterable[str], prefix: str) -> int:
+    """How many numbered sub-modules `prefix<N>.` the keys hold (highest N + 1; 0 when none)."""
+    found = -1
+    n = len(prefix)
+    for key in keys:
+        if key.startswith(prefix):
+            index, dot, _ = key[n:].partition(".")
+            if dot and index.isdigit():
+                found = max(found, int(index))
+    return found + 1
 
 
 def _damaged(path, err) -> CorruptCheckpointError:
@@ -43,13 +124,41 @@ def safetensors_keys(path: str | os.PathLike) -> dict[str, tuple[list[int], str]
             size = path.stat().st_size
             if n <= 0 or 8 + n > size:
                 raise ValueError(f"header length {n} does not fit a file of {size} bytes")
+            if n > MAX_SAFETENSORS_HEADER:
+                raise ValueError(f"header length {n} is over the format's limit of {MAX_SAFETENSORS_HEADER} bytes")
             header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
         end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
         if 8 + n + end > size:
             raise ValueError(f"tensor data needs {8 + n + end} bytes, file has {size}")
-    except (OSError, ValueError, KeyError, TypeError) as err:
+        for key, entry in header.items():
+            if key != "__metadata__":
+                _check_header_entry(key, entry, size)
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as err:
         raise _damaged(path, err) from None
     return {k: (v["shape"], v["dtype"]) for k, v in header.items() if k != "__metadata__"}
+
+
+def _check_header_entry(key: str, entry: dict, size: int) -> None:
+    """A tensor's shape and dtype must fill exactly the bytes its offsets give it: a header that claims
+    billions of values in a small file is inconsistent, not a model to describe or build."""
+    shape, (begin, stop) = entry["shape"], entry["data_offsets"]
+    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise ValueError(f"tensor '{key}' has an invalid shape {shape}")
+    if not (isinstance(begin, int) and isinstance(stop, int) and 0 <= begin <= stop):
+        raise ValueError(f"tensor '{key}' has invalid data offsets {[begin, stop]}")
+    itemsize = _SAFETENSORS_ITEMSIZE.get(entry["dtype"])
+    if itemsize is None:
+        return  # a dtype newer than this table (packed sub-byte types): not checked here
+    count = 1
+    for d in shape:
+        count *= d
+    if count * itemsize != stop - begin:
+        raise ValueError(
+            f"the header is inconsistent: tensor '{key}' claims shape {shape} ({count:,} {entry['dtype']} values, "
+            f"{count * itemsize:,} bytes) but is given {stop - begin:,} bytes of a {size:,}-byte file"
+        )
 
 
 def safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
@@ -81,13 +190,22 @@ def iter_safetensors(path, keys: Iterable[str] | None = None) -> Iterator[tuple[
 
 def load_legacy(path) -> dict[str, torch.Tensor]:
     """A `.bin`/`.pt` state dict through `torch.load(weights_only=True)`; unwraps `state_dict`-style wrappers."""
+    import zipfile
+
+    path = Path(path)
+    if not path.is_file():
+        raise LayoutError(f"'{path}' is not a weights file (it does not exist or is not a regular file).")
+    # mmap works for the zip format (torch >= 1.6) only; the older format is read into memory, through
+    # the same weights-only unpickler.
+    zipped = zipfile.is_zipfile(path)
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipped)
     except Exception as err:
         if "weights_only" in str(err) or "Unsupported global" in str(err):
             raise CorruptCheckpointError(
-                f"'{path}' contains pickled Python objects besides tensors; it is not loaded for safety. "
-                "Convert it to .safetensors with a tool you trust."
+                f"'{path}' contains pickled Python objects or code besides tensors, which is refused for safety "
+                "(nothing in it was run). Convert it to .safetensors with a tool you trust, or use a plain "
+                "tensor state dict."
             ) from None
         raise _damaged(path, err) from None
     return unwrap_state_dict(obj, path)
@@ -114,8 +232,11 @@ def weight_files(folder: str | os.PathLike, stem: str = "diffusion_pytorch_model
     for suffix in (".safetensors", ".bin"):
         indexes = sorted(folder.glob(f"*{suffix}.index.json"))
         if indexes:
-            index = json.loads(indexes[0].read_text())
-            shards = sorted(set(index.get("weight_map", {}).values()))
+            index = read_json_config(indexes[0], what="weight index")
+            weight_map = index.get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise LayoutError(f"The weight index '{indexes[0]}' has no valid 'weight_map' (tensor name -> shard file).")
+            shards = sorted(set(weight_map.values()))
             missing = [s for s in shards if not (folder / s).is_file()]
             if missing:
                 raise LayoutError(

@@ -17,13 +17,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import re
 import sys
 import time
 from pathlib import Path
 
 DEMO_NAME = "EasyAnimateV3-demo-64px"
 DEMO_LORA = "loras/magenta.safetensors"  # inside the demo folder: turns every object magenta
-# Used when a model folder has no generation.json: the V3 reference's defaults (spec §5.3).
+# Used when a model folder has no generation.json: the defaults of the EasyAnimate V3 reference's
+# predict script (144 frames at 384x672, 25 steps, CFG 7, 24 fps, seed 43).
+# Limits of the generate options (refused outside them, before anything is loaded).
+MAX_GUIDANCE = 100.0
+MAX_FPS = 240
+MAX_STEPS = 1000  # the samplers' 1000-step training schedule
+VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm")
+OUTPUT_SUFFIXES = VIDEO_SUFFIXES + (".gif", ".webp", ".png")
 RELEASE_DEFAULTS = {"frames": 144, "height": 384, "width": 672, "steps": 25, "guidance_scale": 7.0,
                     "sampler": "Euler", "fps": 24, "seed": 43, "negative_prompt": ""}
 
@@ -34,10 +44,13 @@ def demo_model_path() -> Path:
 
 def generation_defaults(model_path: Path) -> dict:
     """A model folder's `generation.json` (the demo ships one with its best settings) over the release defaults."""
+    from .checkpoint import read_json_config
+
     defaults = dict(RELEASE_DEFAULTS)
     file = Path(model_path) / "generation.json"
     if file.is_file():
-        defaults.update({k: v for k, v in json.loads(file.read_text()).items() if not k.startswith("_")})
+        defaults.update({k: v for k, v in read_json_config(file, what="generation settings file").items()
+                         if not k.startswith("_")})
     return defaults
 
 
@@ -55,21 +68,28 @@ def build_parser() -> argparse.ArgumentParser:
                                         "(the demo's best settings), else from the V3 reference defaults.")
     g.add_argument("--prompt", "-p", required=True, help='e.g. "a red circle moving right on a black background"')
     g.add_argument("--negative", "--negative-prompt", dest="negative_prompt", default=None, help="negative prompt")
-    g.add_argument("--seed", type=int, default=None, help="random seed (default 43)")
-    g.add_argument("--out", "-o", default="easyanimate.mp4", help="output: .mp4, .gif, .webp, or .png (one file per frame)")
+    g.add_argument("--seed", type=int, default=None, help=f"random seed, 0 to {2**63 - 1} (default 43)")
+    g.add_argument("--out", "-o", default="easyanimate.mp4",
+                   help="output: .mp4, .mov, .mkv, .webm, .gif, .webp, or .png (one file per frame: NAME_0000.png, ...); "
+                        "checked before generating, written to a temporary file and renamed at the end")
     g.add_argument("--model", "-m", default=None, help=f"release folder (default: the embedded demo, {DEMO_NAME})")
-    g.add_argument("--frames", type=int, default=None, help="frame count (V3: 1 or a multiple of 8)")
+    g.add_argument("--frames", type=int, default=None, help="frame count, at least 1 (V3: 1 or a multiple of 8)")
     g.add_argument("--size", default=None, metavar="HxW", help="frame size in pixels, e.g. 64x64 (multiples of 8 x patch)")
-    g.add_argument("--steps", type=int, default=None, help="sampling steps")
-    g.add_argument("--cfg", "--guidance-scale", dest="guidance_scale", type=float, default=None, help="classifier-free guidance scale")
+    g.add_argument("--steps", type=int, default=None, help="sampling steps, 1 to 1000")
+    g.add_argument("--cfg", "--guidance-scale", dest="guidance_scale", type=float, default=None,
+                   help=f"classifier-free guidance scale, 0 to {MAX_GUIDANCE:g} (1 or less: no guidance)")
     g.add_argument("--sampler", default=None, choices=["Euler", "Euler A", "DPM++", "PNDM", "DDIM"])
-    g.add_argument("--start-image", default=None, help="image file to start from (image-to-video; V3 InP models)")
+    g.add_argument("--start-image", default=None,
+                   help="image file to start from (image-to-video; V3 InP models); resized to the video size, "
+                        "at most 64 megapixels")
     g.add_argument("--lora", action="append", default=[], metavar="PATH[:STRENGTH]",
-                   help="apply a LoRA (repeatable), strength default 1.0, e.g. --lora magenta.safetensors:0.8")
-    g.add_argument("--fps", type=int, default=None, help="frames per second of the written video")
+                   help="apply a LoRA (repeatable), strength -100 to 100, default 1.0. A name that is not a file is "
+                        "looked up in the model folder's loras/ (.safetensors may be left out): with the demo model, "
+                        f"--lora magenta:0.8 applies its {DEMO_LORA} (every object magenta)")
+    g.add_argument("--fps", type=int, default=None, help=f"frames per second of the written video, 1 to {MAX_FPS}")
     g.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="compute dtype (fp32 on CPU)")
     g.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's own choice)")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads for torch, at least 1 (default: torch's own choice)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.add_argument("--memory-mode", default="none", choices=["none", "offload", "block-swap", "fp8"],
                    help="none: every model on --device; offload: each model (text encoder, transformer, VAE) on "
@@ -174,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = commands.add_parser("evaluate", help="prompt adherence on the synthetic vocabulary (prints the table)")
     e.add_argument("--model", default=None, help="release folder (default: the demo)")
-    e.add_argument("--lora", default=None, metavar="PATH[:STRENGTH]", help="LoRA to evaluate (default: the demo's magenta LoRA)")
+    e.add_argument("--lora", default=None, metavar="PATH[:STRENGTH]",
+                   help="LoRA to evaluate, a file or a name in the model folder's loras/ (default: the demo's magenta LoRA)")
     e.add_argument("--no-lora", action="store_true", help="skip the LoRA rows")
     e.add_argument("--repeats", type=int, default=1,
                    help="run the prompt set this many times with other seeds (1: the 48 + 40 videos of the table)")
@@ -207,68 +228,191 @@ def main(argv=None) -> int:
         if isinstance(err, (EasyAnimateError, FileNotFoundError, ValueError)):
             print(f"error: {err}", file=sys.stderr)
             return 2
+        if isinstance(err, OSError):  # a file that cannot be read or written: the system's reason and the file
+            where = f" '{err.filename}'" if err.filename else ""
+            print(f"error: {err.strerror or err}{where}", file=sys.stderr)
+            return 2
         raise
 
 
 # ------------------------------------------------------------------------------------------ generate
 def parse_lora_arg(text: str) -> tuple[str, float]:
-    """"path" or "path:strength" (a Windows drive letter's colon is not a strength)."""
+    """"path" or "path:strength" (a Windows drive letter's colon is not a strength).
+
+    A strength that is not a number, or not finite, or beyond +-100, is refused naming the strength (not
+    reported as a missing file); a path that itself contains a colon is kept whole when it exists.
+    """
+    from .lora import check_lora_strength
+
     path, sep, strength = text.rpartition(":")
-    if sep and path and not ("\\" in strength or "/" in strength):
-        try:
-            return path, float(strength)
-        except ValueError:
-            pass
-    return text, 1.0
+    drive_letter = len(path) == 1 and path.isalpha()
+    if not sep or not path or drive_letter or "\\" in strength or "/" in strength or Path(text).exists():
+        return text, 1.0
+    try:
+        value = float(strength)
+    except ValueError:
+        raise ValueError(
+            f"--lora {text!r}: the strength {strength!r} is not a number. Write PATH or PATH:STRENGTH, "
+            "e.g. --lora magenta:0.8."
+        ) from None
+    return path, check_lora_strength(value, f"strength in --lora {text!r}")
+
+
+def find_lora(name: str, model_path: Path) -> Path:
+    """A LoRA file: `name` as a path, else the model folder's `loras/<name>` (with or without `.safetensors`)."""
+    from .lora import LoRAFileError
+
+    path = Path(name)
+    if path.exists():
+        return path  # read_lora names the problem if it is a folder or not a LoRA
+    folder = Path(model_path) / "loras"
+    tries = [name] if path.suffix else [name, name + ".safetensors"]
+    for candidate in [folder / t for t in tries] + ([Path(name + ".safetensors")] if not path.suffix else []):
+        if candidate.is_file():
+            return candidate
+    shipped = sorted(p.stem for p in folder.glob("*.safetensors")) if folder.is_dir() else []
+    known = f"; it holds: {', '.join(shipped)}" if shipped else " (it has none)"
+    raise LoRAFileError(
+        f"LoRA '{name}' not found: no such file, and no '{tries[-1]}' in the model folder's loras/ ({folder}){known}."
+    )
+
+
+def _whole_number(value, option: str, low: int, high: int | None = None, source: str = "") -> int:
+    """`value` as an int within [low, high], or an error naming the option, the range and the value."""
+    span = f"from {low} to {high}" if high is not None else f"at least {low}"
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        raise ValueError(f"{option} must be a whole number {span}; got {value!r}{source}.")
+    return value
+
+
+def _from(args_value, defaults_file: Path, file_keys: set, key: str) -> str:
+    """Where an option's value came from, for messages about values the user did not type."""
+    if args_value is not None:
+        return ""
+    return f" (from {defaults_file})" if key in file_keys else " (the release default)"
+
+
+def check_device(text: str):
+    """A torch device that exists on this machine, or an error saying what is wrong and what to use."""
+    import torch
+
+    from .errors import EasyAnimateError
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError, TypeError):
+        raise EasyAnimateError(f"--device {text!r} is not a torch device; use cpu, cuda, cuda:1 or mps.") from None
+    if device.type == "cpu":
+        return device
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise EasyAnimateError(
+                f"--device {text}: no CUDA GPU is usable here (torch {torch.__version__}, built for CUDA "
+                f"{torch.version.cuda or 'none'}). Use --device cpu, or install a CUDA build of torch."
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise EasyAnimateError(
+                f"--device {text}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                f"cuda:0 to cuda:{torch.cuda.device_count() - 1}."
+            )
+        return device
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise EasyAnimateError(f"--device {text}: Apple MPS is not available here. Use --device cpu.")
+    try:
+        torch.empty(1, device=device)
+    except Exception as err:  # other backends (xpu, ...): try it
+        raise EasyAnimateError(f"--device {text} cannot be used here ({str(err).splitlines()[0]}). Use --device cpu.") from None
+    return device
+
+
+def _check_generate_options(args, model_path: Path, defaults: dict) -> dict:
+    """Every generate option that can be checked without a model, checked before anything is loaded."""
+    from .errors import check_seed
+    from .sampling import build_sampler
+
+    from .checkpoint import read_json_config
+
+    file = Path(model_path) / "generation.json"
+    file_keys = set(read_json_config(file, what="generation settings file")) if file.is_file() else set()
+    source = lambda value, key: _from(value, file, file_keys, key)
+    if args.threads is not None:
+        _whole_number(args.threads, "--threads", 1, 1024)
+    check_device(args.device)
+    if args.memory_budget is not None and not (math.isfinite(args.memory_budget) and args.memory_budget > 0):
+        raise ValueError(f"--memory-budget must be a positive number of MiB; got {args.memory_budget}.")
+    pick = lambda value, key: defaults[key] if value is None else value
+    frames = _whole_number(pick(args.frames, "frames"), "--frames", 1, None, source(args.frames, "frames"))
+    steps = _whole_number(pick(args.steps, "steps"), "--steps", 1, MAX_STEPS, source(args.steps, "steps"))
+    fps = _whole_number(pick(args.fps, "fps"), "--fps", 1, MAX_FPS, source(args.fps, "fps"))
+    guidance = pick(args.guidance_scale, "guidance_scale")
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not 0 <= guidance <= MAX_GUIDANCE:
+        raise ValueError(
+            f"--cfg (guidance scale) must be a number from 0 to {MAX_GUIDANCE:g} (1 or less: no guidance; "
+            f"5 to 8 is usual); got {guidance!r}{source(args.guidance_scale, 'guidance_scale')}."
+        )
+    seed = pick(args.seed, "seed")
+    check_seed(seed, "--seed" + source(args.seed, "seed"))
+    sampler = args.sampler or defaults["sampler"]
+    build_sampler(sampler, None).set_timesteps(steps)  # the sampler's own limits (PNDM needs 4 steps)
+    height, width = _parse_size(args.size) if args.size else (defaults["height"], defaults["width"])
+    return dict(frames=frames, height=height, width=width, fps=fps,
+                options=dict(steps=steps, guidance_scale=float(guidance), sampler=sampler, seed=seed))
 
 
 def cmd_generate(args) -> int:
     import torch
 
+    from .lora import read_lora
     from .pipeline import load_model, make_video
     from .train.common import Progress
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    # Everything that needs no model is checked before anything is loaded or sampled: the options, the
+    # output path (a video is never generated only to fail at writing), the start image and the LoRA files.
     model_path = Path(args.model) if args.model else demo_model_path()
     defaults = generation_defaults(model_path)
-    frames = args.frames or defaults["frames"]
-    height, width = _parse_size(args.size) if args.size else (defaults["height"], defaults["width"])
-    options = dict(steps=args.steps or defaults["steps"],
-                   guidance_scale=defaults["guidance_scale"] if args.guidance_scale is None else args.guidance_scale,
-                   sampler=args.sampler or defaults["sampler"],
-                   seed=defaults["seed"] if args.seed is None else args.seed)
+    checked = _check_generate_options(args, model_path, defaults)
+    frames, height, width, fps, options = (checked[k] for k in ("frames", "height", "width", "fps", "options"))
     negative = defaults["negative_prompt"] if args.negative_prompt is None else args.negative_prompt
-    fps = args.fps or defaults["fps"]
+    out = check_output(args.out)
+    start_images = _read_image(args.start_image, (height, width)) if args.start_image else None
+    loras = []
+    for item in args.lora:
+        name, strength = parse_lora_arg(item)
+        loras.append((read_lora(find_lora(name, model_path)), strength))
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
-    from .memory import MemoryOptions, MemoryPlan
+    from .host import StandaloneHost
+    from .memory import MemoryOptions
 
-    memory = MemoryPlan(MemoryOptions(args.memory_mode, args.swap_blocks, args.memory_budget), compute=args.device)
+    host = StandaloneHost(MemoryOptions(args.memory_mode, args.swap_blocks, args.memory_budget), compute=args.device)
     started = time.time()
-    # Streaming and fp8 modes load into CPU RAM first; the plan then places each part.
+    # Streaming and fp8 modes load into CPU RAM first; the host then places each part for its stage.
     load_device = args.device if args.memory_mode == "none" else "cpu"
     model = load_model(model_path, dtype=args.dtype, device=load_device)
-    memory.place_model(model)
-    if args.start_image:
-        options["start_images"] = _read_image(args.start_image)
+    host.prepare(host.wrap(model.transformer, "transformer"))
+    host.place_all(model.modules().values())
+    unknown = model.text_encoder.unknown_words([args.prompt, negative]) if model.text_encoder is not None else ()
+    if unknown:
+        from .text import describe_unknown_words
+
+        print(f"note: {describe_unknown_words(unknown)}")
+    if start_images is not None:
+        options["start_images"] = start_images
     stack = []
-    if args.lora:
+    if loras:
         from .lora import resolve_lora
 
-        for item in args.lora:
-            path, strength = parse_lora_arg(item)
-            stack.append((resolve_lora(path, model.transformer, model.text_encoder.model if model.text_encoder else None),
+        for weights, strength in loras:
+            stack.append((resolve_lora(weights, model.transformer, model.text_encoder.model if model.text_encoder else None),
                           strength))
     progress = Progress(options["steps"], "sampling", enabled=not args.quiet)
     options["callback"] = lambda done, total, latents: progress.update(1)
-    # fp8 weights cannot take a merged LoRA: it is computed on the side ("hooks") instead.
-    lora_mode = "hooks" if args.memory_mode == "fp8" else "weights"
-    video = _run_with_loras(model, stack, lora_mode=lora_mode,
-                            run=lambda: make_video(model, args.prompt, negative, frames=frames, height=height,
-                                                   width=width, memory=memory, **options))
+    video = make_video(model, args.prompt, negative, frames=frames, height=height, width=width, host=host,
+                       loras=stack, **options)
     progress.close()
     frames_uint8 = (video[0].permute(1, 2, 3, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
-    written = write_video(frames_uint8, args.out, fps)
+    written = write_video(frames_uint8, out, fps)
     seconds = time.time() - started
     mode = "" if args.memory_mode == "none" else f", memory mode {args.memory_mode}"
     print(f"wrote {written}: {frames_uint8.shape[0]} frames, {width}x{height}, {fps} fps, {seconds:.1f} s, "
@@ -276,39 +420,23 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def _run_with_loras(model, stack, run, lora_mode="weights"):
-    """Apply the LoRA stack to the transformer (and T5 parts, if any) for the duration of `run`."""
-    if not stack:
-        return run()
-    from contextlib import ExitStack
-
-    from .lora import lora_patches
-
-    with ExitStack() as exits:
-        exits.enter_context(lora_patches(model.transformer, stack, mode=lora_mode))
-        encoder = model.text_encoder.model if model.text_encoder is not None else None
-        if encoder is not None and any(r.patch_for(encoder) is not None for r, _ in stack):
-            exits.enter_context(lora_patches(encoder, [(r, s) for r, s in stack if r.patch_for(encoder) is not None]))
-            model.text_encoder.clear_cache()
-        return run()
-
-
 def _parse_size(text: str) -> tuple[int, int]:
     try:
         h, w = text.lower().split("x")
-        return int(h), int(w)
+        h, w = int(h), int(w)
     except ValueError:
         raise ValueError(f"--size must look like HxW, e.g. 64x64; got {text!r}") from None
+    if h < 1 or w < 1:
+        raise ValueError(f"--size must be positive, e.g. 64x64; got {text!r}")
+    return h, w
 
 
-def _read_image(path):
-    import numpy as np
-    import torch
-    from PIL import Image
+def _read_image(path, size=None):
+    """The start image (1, 3, H, W) in [0, 1], resized to `size` (height, width) while still 8-bit; refused
+    over 64 megapixels before decoding (see `easyanimate.images.read_image`)."""
+    from .images import read_image
 
-    with Image.open(path) as image:
-        pixels = np.asarray(image.convert("RGB"), dtype=np.float32) / 255
-    return torch.from_numpy(pixels).permute(2, 0, 1)[None]
+    return read_image(path, size=size)
 
 
 def _peak_memory_mb(device: str) -> float:
@@ -322,33 +450,113 @@ def _peak_memory_mb(device: str) -> float:
     return peak
 
 
-def write_video(frames, out, fps: int) -> str:
-    """frames (F, H, W, 3) uint8 -> out (.mp4 via PyAV; .gif/.webp via Pillow; .png: one file per frame)."""
+def check_output(out) -> Path:
+    """The output path, checked before any work: a known extension, not a folder, not under a file, and a
+    folder that can be written (created at write time if missing). Raises ValueError saying what to change."""
     out = Path(out)
+    suffix = out.suffix.lower()
+    if out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a folder; give a file name in it, e.g. {out / ('video' + (suffix or '.mp4'))}.")
+    if suffix not in OUTPUT_SUFFIXES:
+        raise ValueError(
+            f"--out {str(out)!r}: unknown output type {suffix or '(no extension)'}; use one of {', '.join(OUTPUT_SUFFIXES)} "
+            "(.png writes one file per frame)."
+        )
+    if out.exists() and not out.is_file():
+        raise ValueError(f"--out {str(out)!r} exists and is not a regular file; choose another output name.")
+    folder = out.absolute().parent
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"--out {str(out)!r}: '{existing}' is a file, not a folder, so nothing can be written under it.")
+    if existing == folder:
+        import tempfile
+
+        try:
+            handle, probe = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".probe", dir=folder)
+            os.close(handle)
+            os.unlink(probe)
+        except OSError as err:
+            raise ValueError(f"--out {str(out)!r}: cannot create a file in '{folder}' ({err.strerror or err}); choose a writable folder.") from None
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {str(out)!r}: cannot create folders in '{existing}' (not writable); choose a writable folder.")
+    if suffix in VIDEO_SUFFIXES:
+        try:
+            import av  # noqa: F401
+        except ImportError:
+            raise ValueError(f"Writing {suffix} needs PyAV (pip install av); or write .gif, .webp or .png.") from None
+    return out
+
+
+def write_video(frames, out, fps: int) -> str:
+    """frames (F, H, W, 3) uint8 -> out (.mp4/.mov/.mkv/.webm via PyAV; .gif/.webp via Pillow; .png: one file per
+    frame, NAME_0000.png ...). Returns what was written, and says when it replaced an existing output.
+
+    Nothing is lost on failure or Ctrl-C: a file is written to a temporary name beside the target and renamed
+    over it only when complete; a .png set is written into a temporary folder beside it, then moved in, and
+    frames of an earlier, longer set with the same name pattern are removed.
+    """
+    out = check_output(out)
+    _whole_number(fps, "fps", 1, MAX_FPS)
     out.parent.mkdir(parents=True, exist_ok=True)
     suffix = out.suffix.lower()
-    if suffix in (".mp4", ".mov", ".mkv", ".webm"):
-        _write_av(frames, out, fps)
-        return str(out)
+    if suffix == ".png":
+        return _write_frame_set(frames, out)
+    existed = out.exists()
+    temporary = out.with_name(f".{out.stem}.partial-{os.getpid()}-{time.time_ns()}{out.suffix}")
+    try:
+        if suffix in VIDEO_SUFFIXES:
+            _write_av(frames, temporary, fps)
+        else:
+            from PIL import Image
+
+            images = [Image.fromarray(f) for f in frames]
+            extra = {"lossless": True} if suffix == ".webp" else {}
+            images[0].save(temporary, format=suffix[1:].upper(), save_all=True, append_images=images[1:],
+                           duration=round(1000 / fps), loop=0, **extra)
+        os.replace(temporary, out)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+    return f"{out} (replaced the existing file)" if existed else str(out)
+
+
+def _write_frame_set(frames, out: Path) -> str:
+    import shutil
+    import tempfile
+
     from PIL import Image
 
-    images = [Image.fromarray(f) for f in frames]
-    if suffix in (".gif", ".webp"):
-        extra = {"lossless": True} if suffix == ".webp" else {}
-        images[0].save(out, save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0, **extra)
-        return str(out)
-    if suffix == ".png":
-        for index, image in enumerate(images):
-            image.save(out.with_name(f"{out.stem}_{index:04d}.png"))
-        return str(out.with_name(f"{out.stem}_0000.png")) + f" ... _{len(images) - 1:04d}.png"
-    raise ValueError(f"Unknown output type {suffix!r}; use .mp4, .gif, .webp or .png.")
+    folder, stem = out.parent, out.stem
+    pattern = re.compile(re.escape(stem) + r"_\d{4,}\.png")
+    earlier = {p.name for p in folder.iterdir() if pattern.fullmatch(p.name) and p.is_file()}
+    staging = Path(tempfile.mkdtemp(prefix=f".{stem}.partial-", dir=folder))
+    try:
+        names = [f"{stem}_{index:04d}.png" for index in range(len(frames))]
+        for name, pixels in zip(names, frames):
+            Image.fromarray(pixels).save(staging / name)
+        for name in names:
+            os.replace(staging / name, folder / name)
+        stale = sorted(earlier - set(names))
+        for name in stale:
+            (folder / name).unlink()
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    written = f"{folder / names[0]} ... _{len(names) - 1:04d}.png"
+    replaced = len(earlier & set(names))
+    if replaced or stale:
+        written += f" (replaced {replaced} existing frame{'s' if replaced != 1 else ''}"
+        written += f", removed {len(stale)} stale frame{'s' if len(stale) != 1 else ''} of an earlier run)" if stale else ")"
+    return written
 
 
 def _write_av(frames, out: Path, fps: int) -> None:
     import av
 
     height, width = frames.shape[1:3]
-    with av.open(str(out), mode="w") as container:
+    container_format = {".mp4": "mp4", ".mov": "mov", ".mkv": "matroska", ".webm": "webm"}[out.suffix.lower()]
+    with av.open(str(out), mode="w", format=container_format) as container:
         codec = "libx264" if out.suffix.lower() != ".webm" else "libvpx-vp9"
         try:
             stream = container.add_stream(codec, rate=fps)
@@ -394,7 +602,21 @@ def cmd_info(args) -> int:
         print(json.dumps(report, indent=2))
     else:
         print(format_info(report))
+    problems = report_problems(report)
+    if problems:
+        print(f"error: '{path}' cannot be loaded:\n" + "\n".join(f"  {p}" for p in problems), file=sys.stderr)
+        return 1
     return 0
+
+
+def report_problems(report: dict) -> list[str]:
+    """What makes a described model unusable: components that failed to read, an unknown family, a
+    required part missing."""
+    problems = [f"{name}: {info['error']}" for name, info in report.get("components", {}).items() if "error" in info]
+    if report.get("family_error") and "error" not in report.get("components", {}).get("transformer", {}):
+        problems.append(f"transformer: {report['family_error']}")
+    problems += [f"{m.split(' ')[0]} is missing" for m in report.get("missing", []) if m.endswith("(required)")]
+    return problems
 
 
 def _safetensors_summary(files) -> dict:
@@ -418,15 +640,27 @@ def _safetensors_summary(files) -> dict:
 
 def describe_model(path: Path) -> dict:
     """A dict describing a release folder (each component) or a single file."""
+    from .errors import LayoutError
+
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"'{path}' does not exist.")
     if path.is_file():
         return _describe_file(path)
+    if not path.is_dir():
+        raise LayoutError(f"'{path}' is neither a regular file nor a folder; pass a model folder or a weights file.")
     report = {"path": str(path), "kind": "release folder", "components": {}, "missing": []}
     root = path
     if not (root / "transformer").is_dir() and (root / "config.json").is_file():
         return {"path": str(path), "kind": "component folder", "components": {path.name: _describe_component(path)}, "missing": []}
+    parts = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler", "image_encoder")
+    if not any((root / name).is_dir() for name in parts):
+        found = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir())[:10]
+        raise LayoutError(
+            f"'{path}' is not a model folder: a release folder holds transformer/, vae/, text_encoder/, tokenizer/ "
+            f"(and scheduler/, image_encoder/), a component folder a config.json; found: {', '.join(found) or 'nothing'}. "
+            "Pass a release folder, a component folder or a weights file."
+        )
     for name in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler", "image_encoder"):
         folder = root / name
         if not folder.is_dir():
@@ -446,16 +680,20 @@ def describe_model(path: Path) -> dict:
             report["family"] = source.family
             report["description"] = source.description
         except Exception as err:
-            report["family"] = f"unknown ({err})"
+            report["family"] = "unknown"
+            report["family_error"] = str(err)
     total = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
     report["total_bytes"] = total
     if (root / "generation.json").is_file():
-        report["generation_defaults"] = json.loads((root / "generation.json").read_text())
+        try:
+            report["generation_defaults"] = generation_defaults(root)
+        except Exception as err:
+            report["components"]["generation.json"] = {"error": str(err)}
     return report
 
 
 def _describe_component(folder: Path) -> dict:
-    from .checkpoint import weight_files
+    from .checkpoint import read_json_config, weight_files
 
     name = folder.name
     if name == "tokenizer" or (folder / "spiece.model").is_file():
@@ -464,10 +702,10 @@ def _describe_component(folder: Path) -> dict:
         tokenizer = T5PromptTokenizer.from_path(folder)
         return {"type": "T5 sentencepiece tokenizer", "vocab_size": tokenizer.vocab_size}
     if name == "scheduler" or (folder / "scheduler_config.json").is_file():
-        config = json.loads((folder / "scheduler_config.json").read_text())
+        config = read_json_config(folder / "scheduler_config.json", what="scheduler config")
         return {"type": config.get("_class_name"), "timestep_spacing": config.get("timestep_spacing"),
                 "beta_schedule": config.get("beta_schedule")}
-    config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+    config = read_json_config(folder / "config.json") if (folder / "config.json").is_file() else {}
     stem = "model" if config.get("model_type") == "t5" or name in ("text_encoder", "image_encoder") else "diffusion_pytorch_model"
     weights = _safetensors_summary(weight_files(folder, stem=stem))
     info = {"type": config.get("_class_name") or (config.get("architectures") or ["?"])[0], **weights}
@@ -513,9 +751,14 @@ def _describe_file(path: Path) -> dict:
 
 def format_info(report: dict) -> str:
     lines = [f"{report['path']}: {report['kind']}"]
-    if "family" in report:
+    if report.get("family_error"):
+        lines.append(f"  family: unknown: {report['family_error']}")
+    elif "family" in report:
         lines.append(f"  family: EasyAnimate {str(report['family']).upper()} ({report.get('description', '')})")
     for name, info in report.get("components", {}).items():
+        if "error" in info:
+            lines.append(f"  {name}: error: {info['error']}")
+            continue
         parts = []
         for key, value in info.items():
             if key == "bytes":
@@ -526,11 +769,20 @@ def format_info(report: dict) -> str:
         lines.append(f"  {name}: " + ", ".join(parts))
     for key in ("tensors", "parameters", "dtype", "layers", "rank", "metadata", "note"):
         if key in report and report["kind"] != "release folder":
-            lines.append(f"  {key}: {report[key]}")
+            value = report[key]
+            if isinstance(value, dict):
+                value = ", ".join(f"{k} {v}" for k, v in value.items() if not str(k).startswith("_")) or "none"
+            elif isinstance(value, (list, tuple)):
+                value = ", ".join(str(v) for v in value)
+            elif key == "parameters":
+                value = f"{value:,}"
+            lines.append(f"  {key}: {value}")
     if "total_bytes" in report:
         lines.append(f"  total size: {report['total_bytes'] / 2**20:.1f} MiB")
     if report.get("generation_defaults"):
-        lines.append(f"  generation defaults: {report['generation_defaults']}")
+        settings = ", ".join(f"{k} {v!r}" if isinstance(v, str) else f"{k} {v}"
+                             for k, v in report["generation_defaults"].items() if not str(k).startswith("_"))
+        lines.append(f"  generation defaults: {settings}")
     lines.append("  missing: " + ("; ".join(report["missing"]) if report.get("missing") else "nothing"))
     return "\n".join(lines)
 
@@ -611,14 +863,15 @@ def cmd_evaluate(args) -> int:
 
     if args.repeats < 1:
         raise ValueError(f"--repeats must be at least 1, got {args.repeats}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.threads is not None:
+        torch.set_num_threads(_whole_number(args.threads, "--threads", 1, 1024))
     model_path = Path(args.model) if args.model else demo_model_path()
     defaults = generation_defaults(model_path)
     lora, strength = None, 1.0
     if not args.no_lora:
         if args.lora:
             lora, strength = parse_lora_arg(args.lora)
+            lora = find_lora(lora, model_path)
         elif (model_path / DEMO_LORA).is_file():
             lora = model_path / DEMO_LORA
             strength = float(defaults.get("lora_strength", 1.0))

@@ -1,6 +1,6 @@
 """Frame arithmetic of the three EasyAnimate families, in one place.
 
-Pixel frames and latent frames are related differently in each family (spec §3.3, §3.4):
+Pixel frames and latent frames are related differently in each family (docs/numerics.md#frame-arithmetic):
 
 * V1 (SD VAE, 2-D): one latent frame per pixel frame; any count works.
 * V2 (MagViT, causal): the pipeline cuts the video into independent chunks of 9 frames; each becomes
@@ -22,7 +22,8 @@ from .errors import EasyAnimateError
 
 SPATIAL_FACTOR = 8
 
-# How a chunk of frames is padded in time inside the 3-D VAE (spec §3.2, `padding_flag`).
+# How a chunk of frames is padded in time inside the 3-D VAE (the reference's `padding_flag`;
+# docs/numerics.md#temporal-padding).
 CAUSAL = "causal"  # V2: replicate 2 frames in front of every temporal conv; upsampling keeps frame 0
 SLICE = "slice"  # V3: zero-pad 1 frame on both sides; upsampling doubles every frame
 SINGLE = "single"  # V3 lone first frame: zero padding, no temporal up/downsampling effect

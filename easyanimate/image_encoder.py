@@ -1,4 +1,4 @@
-"""CLIP image conditioning for EasyAnimate V3 image-to-video (spec §4.4).
+"""CLIP image conditioning for EasyAnimate V3 image-to-video.
 
 The V3 InP transformer takes, besides the text, one 768-d CLIP image embedding of the start image,
 projected inside the DiT to 8 extra context tokens with their own 8-entry attention mask. This module:
@@ -7,10 +7,9 @@ projected inside the DiT to 8 extra context tokens with their own 8-entry attent
   read with `torch.load(weights_only=True)`, or `model.safetensors`) as transformers'
   `CLIPVisionModelWithProjection`, built on the `meta` device and filled in the requested dtype;
 * preprocesses images exactly as the reference's `CLIPImageProcessor` does (resize the shortest side
-  with Pillow's bicubic filter, center crop, rescale, normalise), in torch, without Pillow: the Pillow
-  resampling (separable fixed-point convolution, rounded to 8 bits after each pass) is reproduced
-  bit for bit by `resize_like_pil`, which the pipeline can also use for the reference's other
-  `Image.resize` calls (start/end images to the video size);
+  with Pillow's bicubic filter, center crop, rescale, normalise) on uint8 tensors; the resizing is
+  Pillow's own `Image.resize`, through `resize_like_pil`, which the pipeline also uses for the
+  reference's other `Image.resize` calls (start/end images to the video size);
 * lays out the CLIP inputs per denoising step: `clip_conditioning` builds the classifier-free-guidance
   batch ([zeros, embeds] with masks [0, 1]), `clip_inputs_for_step` zeroes states and masks for the
   first steps as `clip_apply_ratio` asks (steps i < num_timesteps · (1 − ratio)).
@@ -28,7 +27,7 @@ from typing import NamedTuple
 
 import torch
 
-from .checkpoint import assign_tensors, describe_keys, iter_file, meta_tensors, parse_dtype, weight_files
+from .checkpoint import assign_tensors, describe_keys, iter_file, meta_tensors, parse_dtype, read_json_config, weight_files
 from .errors import CheckpointMismatchError, EasyAnimateError, LayoutError
 
 logger = logging.getLogger(__name__)
@@ -80,110 +79,44 @@ def to_uint8_images(images) -> torch.Tensor:
 
 
 # ==================================================================================================
-# Pillow's resampling, bit for bit
+# Resizing with Pillow
 # ==================================================================================================
 
-# Pillow's fixed-point precision for 8-bit images: coefficients are scaled by 2**22.
-_PRECISION_BITS = 32 - 8 - 2
-
-
-def _bicubic(x: float) -> float:
-    a = -0.5  # Pillow's (and Catmull-Rom-like) bicubic parameter
-    x = abs(x)
-    if x < 1.0:
-        return ((a + 2.0) * x - (a + 3.0)) * x * x + 1
-    if x < 2.0:
-        return (((x - 5) * x + 8) * x - 4) * a
-    return 0.0
-
-
-def _triangle(x: float) -> float:
-    x = abs(x)
-    return 1.0 - x if x < 1.0 else 0.0
-
-
-def _sinc(x: float) -> float:
-    if x == 0.0:
-        return 1.0
-    x = x * math.pi
-    return math.sin(x) / x
-
-
-def _lanczos(x: float) -> float:
-    return _sinc(x) * _sinc(x / 3) if -3.0 <= x < 3.0 else 0.0
-
-
-_PIL_FILTERS = {"bicubic": (_bicubic, 2.0), "bilinear": (_triangle, 1.0), "lanczos": (_lanczos, 3.0)}
-
-
-def _pil_coefficients(in_size: int, out_size: int, resample: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pillow's integer filter taps for one axis: (first input index (out,), weights (out, taps)).
-
-    Pillow widens the filter by the downscaling factor (antialiasing), centres output pixel xx at
-    (xx + 0.5) · in/out in input coordinates, normalises each output's weights to sum 1, and stores
-    each weight rounded to a multiple of 2**-22. Every step below follows that arithmetic in double
-    precision. Output xx reads inputs first[xx], first[xx] + 1, ...; unused taps have weight 0.
-    """
-    kernel, support = _PIL_FILTERS[resample]
-    scale = in_size / out_size
-    filter_scale = max(scale, 1.0)
-    support = support * filter_scale
-    taps = int(math.ceil(support)) * 2 + 1
-    firsts, rows = [], []
-    for xx in range(out_size):
-        center = (xx + 0.5) * scale
-        first = max(int(center - support + 0.5), 0)
-        stop = min(int(center + support + 0.5), in_size)
-        weights = [kernel((x - center + 0.5) * (1.0 / filter_scale)) for x in range(first, stop)]
-        total = 0.0
-        for w in weights:
-            total += w
-        if total != 0.0:
-            weights = [w / total for w in weights]
-        # C's (int) cast truncates towards zero, after adding ±0.5: round half away from zero.
-        fixed = [float(int(w * (1 << _PRECISION_BITS) + (0.5 if w >= 0 else -0.5))) for w in weights]
-        row = fixed + [0.0] * (taps - len(fixed))
-        firsts.append(first)
-        rows.append(row)
-    return torch.tensor(firsts, dtype=torch.long), torch.tensor(rows, dtype=torch.float64)
-
-
-def _pil_pass(images: torch.Tensor, in_size: int, out_size: int, resample: str, dim: int) -> torch.Tensor:
-    """One separable pass along `dim` of (B, H, W, C) uint8 images, rounded back to uint8.
-
-    Same integers as Pillow: sums of pixel × fixed-point weight plus one half, then a right shift by
-    22 bits (a floor), clipped to 0..255. The sums stay below 2**31, so float64 holds them exactly.
-    """
-    first, weights = _pil_coefficients(in_size, out_size, resample)
-    taps = weights.shape[1]
-    moved = images.movedim(dim, -1).to(torch.float64)
-    moved = torch.nn.functional.pad(moved, (0, taps))  # zero-weight taps may read past the edge
-    windows = moved.unfold(-1, taps, 1)[..., first, :]  # (..., out_size, taps)
-    accumulated = torch.einsum("...ot,ot->...o", windows, weights) + float(1 << (_PRECISION_BITS - 1))
-    rounded = torch.floor(accumulated / float(1 << _PRECISION_BITS)).clamp(0, 255)
-    return rounded.to(torch.uint8).movedim(-1, dim)
+# Pillow's numbers of the filters the reference's images are resized with.
+_PIL_RESAMPLE_CODES = {name: code for code, name in _PIL_RESAMPLE_NAMES.items()}
 
 
 def resize_like_pil(images: torch.Tensor, height: int, width: int, resample: str = "bicubic") -> torch.Tensor:
-    """Resize uint8 (B, H, W, C) images exactly as Pillow's `Image.resize((width, height), resample)`.
+    """Resize uint8 (B, H, W, C) images (C = 3 RGB, or 1) with Pillow's `Image.resize((width, height),
+    resample)`, one image at a time, as the reference resizes its PIL images.
 
-    Pillow resizes horizontally first, then vertically, rounding to 8 bits in between; an axis whose
-    size does not change is left alone. `resample` is "bicubic" (Pillow's default), "bilinear" or
-    "lanczos". This is Pillow up to 12 (what the reference ran with and what the fixtures match);
-    Pillow 13 sometimes does the vertical pass first, which changes some pixels by a few levels.
+    `resample` is "bicubic" (Pillow's default), "bilinear" or "lanczos". The result is whatever the
+    installed Pillow computes: Pillow 13 runs the vertical pass first for some sizes where Pillow 12
+    and earlier always ran the horizontal one first, which moves some pixels by a few levels.
     """
-    if resample not in _PIL_FILTERS:
-        raise EasyAnimateError(f"Unsupported resample filter '{resample}'; use one of {sorted(_PIL_FILTERS)}.")
-    if images.dtype != torch.uint8 or images.dim() != 4:
-        raise EasyAnimateError(f"resize_like_pil takes uint8 (B, H, W, C) images, got {images.dtype} {tuple(images.shape)}.")
+    if resample not in _PIL_RESAMPLE_CODES:
+        raise EasyAnimateError(
+            f"Unsupported resample filter '{resample}'; use one of {sorted(_PIL_RESAMPLE_CODES)}."
+        )
+    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[-1] not in (1, 3):
+        raise EasyAnimateError(
+            f"resize_like_pil takes uint8 (B, H, W, 3) RGB or (B, H, W, 1) gray images, got {images.dtype} "
+            f"{tuple(images.shape)}."
+        )
     if height < 1 or width < 1:
         raise EasyAnimateError(f"Cannot resize to {height}x{width}.")
-    in_height, in_width = images.shape[1], images.shape[2]
-    if width != in_width:
-        images = _pil_pass(images, in_width, width, resample, dim=2)
-    if height != in_height:
-        images = _pil_pass(images, in_height, height, resample, dim=1)
-    return images
+    if tuple(images.shape[1:3]) == (height, width):
+        return images  # Pillow returns an unchanged copy
+    import numpy as np
+    from PIL import Image
+
+    resized = []
+    for image in images.cpu().numpy():
+        # A single channel becomes a gray ("L") image; Pillow would read (H, W, 1) as nothing it knows.
+        picture = Image.fromarray(np.ascontiguousarray(image[..., 0] if image.shape[-1] == 1 else image))
+        pixels = np.asarray(picture.resize((width, height), resample=_PIL_RESAMPLE_CODES[resample]))
+        resized.append(pixels.reshape(height, width, image.shape[-1]))
+    return torch.from_numpy(np.stack(resized))
 
 
 # ==================================================================================================
@@ -324,7 +257,7 @@ def load_image_encoder(
             f"No CLIP image encoder at '{path}': expected an image_encoder/ folder with config.json. Only "
             "EasyAnimate V3 InP releases have one (it is needed for image-to-video)."
         )
-    config = _vision_config(json.loads(config_file.read_text(encoding="utf-8")), config_file, CLIPVisionConfig)
+    config = _vision_config(read_json_config(config_file, what="image encoder config"), config_file, CLIPVisionConfig)
     if config.projection_dim != CLIP_EMBED_DIM:
         raise CheckpointMismatchError(
             f"'{config_file}': this CLIP gives {config.projection_dim}-d image embeddings, but EasyAnimate V3 "
@@ -332,7 +265,7 @@ def load_image_encoder(
         )
     processor_file = folder / "preprocessor_config.json"
     if processor_file.is_file():
-        preprocessor = ClipPreprocessor(json.loads(processor_file.read_text(encoding="utf-8")))
+        preprocessor = ClipPreprocessor(read_json_config(processor_file, what="image preprocessor config"))
     else:
         # CLIPImageProcessor's defaults, at the model's own resolution (224 px for the released ViT-L/14).
         side = config.image_size

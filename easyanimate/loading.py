@@ -1,4 +1,4 @@
-"""Finding the family of a checkpoint and loading the transformer from every released layout (spec §1, §2.11).
+"""Finding the family of a checkpoint and loading the transformer from every released layout.
 
 Layouts accepted by `load_transformer`:
   - a release root (`transformer/`, `vae/`, `text_encoder/`, ... ) or its `transformer/` folder:
@@ -8,11 +8,11 @@ Layouts accepted by `load_transformer`:
     family preset, with sizes read from the tensor shapes, or from `config=`;
   - V1: a PixArt-alpha base (2-D `Transformer2DModel` config) + the motion-module file
     (`motion_module=`), optionally + a personalized 2-D checkpoint (`personalized=`).
-V4/V5 folders are recognised and refused by name.
+V4/V5 folders are recognised and refused by name. A config whose sizes contradict the weights' shapes
+(layer count, hidden size, channels) is refused before any model is built.
 """
 from __future__ import annotations
 
-import json
 import logging
 import re
 from dataclasses import dataclass
@@ -22,8 +22,8 @@ import torch
 import torch.nn as nn
 
 from .checkpoint import (
-    assign_tensors, describe_keys, file_key_shapes, iter_file,
-    meta_tensors, parse_dtype, weight_files,
+    assign_tensors, check_config_against_weights, count_indexed, describe_keys, file_key_shapes, iter_file,
+    meta_tensors, parse_dtype, read_json_config, weight_files,
 )
 from .errors import CheckpointMismatchError, LayoutError, UnsupportedModelError
 from .models.transformer import EasyAnimateTransformer3D, TransformerConfig, family_preset
@@ -51,6 +51,7 @@ class TransformerSource:
     config: dict | None  # the checkpoint's own config.json, when it has one
     is_2d_base: bool = False  # a V1 PixArt base without motion module
     description: str = ""
+    config_file: Path | None = None  # where `config` was read from
 
 
 def detect_family(path: str | Path) -> TransformerSource:
@@ -61,9 +62,11 @@ def detect_family(path: str | Path) -> TransformerSource:
     if path.is_file():
         return _detect_from_files([path], None, path)
     root, tdir = _transformer_dir(path)
-    config = json.loads((tdir / "config.json").read_text())
+    config = read_json_config(tdir / "config.json", what="transformer config")
     _refuse_later_families(config, root)
-    return _detect_from_files(weight_files(tdir), config, tdir)
+    source = _detect_from_files(weight_files(tdir), config, tdir)
+    source.config_file = tdir / "config.json"
+    return source
 
 
 def _transformer_dir(path: Path) -> tuple[Path, Path]:
@@ -71,6 +74,11 @@ def _transformer_dir(path: Path) -> tuple[Path, Path]:
         return path, path / "transformer"
     if (path / "config.json").is_file():
         return path.parent, path
+    if not path.is_dir():
+        raise LayoutError(
+            f"'{path}' is neither a folder nor a regular file; pass an EasyAnimate release folder, its "
+            "transformer/ folder, or a transformer weights file."
+        )
     found = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())[:12]
     raise LayoutError(
         f"'{path}' is not an EasyAnimate model folder. Expected a release folder with transformer/config.json "
@@ -170,10 +178,12 @@ def load_transformer(
     """Load an EasyAnimate V1/V2/V3 transformer in `dtype` on `device`.
 
     `config` (a dict or a config.json path) overrides the checkpoint's config keys, or supplies the config of
-    a single file. `motion_module` and `personalized` are the V1 extras (spec §1.2). The model is built on
+    a single file. `motion_module` and `personalized` are the V1 extras (a PixArt-alpha base takes the V1
+    motion-module file, and optionally a personalized 2-D checkpoint over the base). The model is built on
     the meta device and each tensor is cast and placed as it is read, so peak memory stays near one copy
     of the weights. Raises LayoutError / CheckpointMismatchError / CorruptCheckpointError / UnsupportedModelError
-    with the file and keys at fault; a failed load leaves nothing behind.
+    with the file and keys at fault; a failed load leaves nothing behind. The config's sizes are checked
+    against the weights' shapes before the model is built, so a config claiming 20000 layers is refused at once.
     """
     dtype = parse_dtype(dtype)
     source = detect_family(path)
@@ -195,6 +205,7 @@ def load_transformer(
     else:
         raw = _config_from_shapes(source.family, shapes, prefix)
     raw.update(overrides)
+    _check_config_fits_weights(raw, source, shapes, prefix, overrides, config)
     cfg = TransformerConfig.from_dict(raw, source.family)
 
     motion_files = []
@@ -257,7 +268,48 @@ def _read_config_arg(config) -> dict:
         return {}
     if isinstance(config, dict):
         return dict(config)
-    return json.loads(Path(config).read_text())
+    return read_json_config(config, what="transformer config")
+
+
+def _check_config_fits_weights(raw: dict, source: TransformerSource, shapes: dict, prefix: str,
+                               overrides: dict, config_arg) -> None:
+    """Compare the sizes the config claims with those the tensor shapes give, before anything is built.
+
+    Checked: num_layers (blocks in the weights), hidden size (num_attention_heads x attention_head_dim
+    against `pos_embed.proj.weight`), in_channels, patch_size, caption_channels, cross_attention_dim and
+    out_channels. A config claiming 20000 layers of 4 real ones would otherwise build them all first.
+    """
+    merged = {**family_preset(source.family), **{k: v for k, v in raw.items() if v is not None}}
+    get = lambda key: shapes.get(prefix + key)
+
+    def first(key, index):
+        shape = get(key)
+        return shape[index] if shape is not None and len(shape) > index else None
+
+    patch = merged.get("patch_size")
+    out_rows = first("proj_out.weight", 0)
+    out_channels = None
+    if out_rows is not None and isinstance(patch, int) and patch > 0 and out_rows % (patch * patch) == 0:
+        out_channels = out_rows // (patch * patch)
+    heads, head_dim = merged.get("num_attention_heads"), merged.get("attention_head_dim")
+    hidden_claim = heads * head_dim if isinstance(heads, int) and isinstance(head_dim, int) else (heads, head_dim)
+    checks = [
+        ("num_layers", merged.get("num_layers"), count_indexed(shapes, prefix + "transformer_blocks.")),
+        (f"num_attention_heads x attention_head_dim ({heads} x {head_dim})", hidden_claim, first("pos_embed.proj.weight", 0)),
+        ("in_channels", merged.get("in_channels"), first("pos_embed.proj.weight", 1)),
+        ("patch_size", patch, first("pos_embed.proj.weight", 2)),
+        ("caption_channels", merged.get("caption_channels"), first("caption_projection.linear_1.weight", 1)),
+        ("cross_attention_dim", merged.get("cross_attention_dim"), first("transformer_blocks.0.attn2.to_k.weight", 1)),
+        ("out_channels", merged.get("out_channels"), out_channels),
+    ]
+    parts = []
+    if source.config_file is not None:
+        parts.append(f"'{source.config_file}'")
+    if overrides:
+        parts.append(f"'{config_arg}'" if isinstance(config_arg, (str, Path)) else "the config= settings")
+    name = "The config " + " with ".join(parts) if parts else f"The {source.family.upper()} preset config"
+    where = source.files[0] if len(source.files) == 1 else source.files[0].parent
+    check_config_against_weights(name, checks, str(where))
 
 
 def _renamer(prefix: str):

@@ -5,7 +5,7 @@ optionally an `alpha`. The layer's weight change is
 
     delta_W = strength * scale * (up @ down)        scale = alpha / rank  (1 when alpha is absent)
 
-computed in float32 (spec §6.2). Three steps, each its own function:
+computed in float32 (see docs/numerics.md). Three steps, each its own function:
 
 1. `read_lora(path)`: read the file once and group its tensors by layer, whatever the format:
      EasyAnimate / kohya        lora_unet__transformer_blocks_0_attn1_to_q.lora_down.weight / .lora_up.weight / .alpha
@@ -25,8 +25,6 @@ computed in float32 (spec §6.2). Three steps, each its own function:
                      dtype: the reference's merge numerics) and puts the original Parameter objects back
                      afterwards, so restoration is exact, with no merge/unmerge drift. Extra memory while
                      applied: one copy of the adapted layers.
-     mode="layerwise" the same numerics as "weights", but each layer holds its patched weight only while its
-                     own forward runs (recomputed at every call): extra memory one layer at a time.
      mode="hooks"    leaves every weight alone and adds strength * scale * up(down(x)) to each adapted
                      layer's output (the reference's run-time LoRA numerics). Extra memory: the LoRA factors.
 
@@ -54,12 +52,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .checkpoint import describe_keys, iter_file, safetensors_metadata, SAFETENSORS_SUFFIXES
-from .errors import CorruptCheckpointError, EasyAnimateError
+from .errors import CorruptCheckpointError, EasyAnimateError, check_finite
 
 log = logging.getLogger(__name__)
 
-MODES = ("weights", "layerwise", "hooks")
+MODES = ("weights", "hooks")
 TRANSFORMER, TEXT_ENCODER = "transformer", "text_encoder"
+# Strengths beyond this are refused: LoRAs are used at about -2 ... 2, and 1e30 overflows the weights
+# into inf/NaN (a black video) instead of failing.
+MAX_LORA_STRENGTH = 100.0
 
 
 class LoRAError(EasyAnimateError):
@@ -175,8 +176,16 @@ def read_lora(
     else:
         path = Path(source)
         name = name or path.name
-        if not path.is_file():
+        if path.is_dir():
+            inside = sorted(p.name for p in path.iterdir() if p.suffix in SAFETENSORS_SUFFIXES)[:6]
+            raise LoRAFileError(
+                f"LoRA path '{path}' is a folder, not a LoRA file. Pass the .safetensors file itself"
+                + (f" (this folder holds {', '.join(inside)})." if inside else ".")
+            )
+        if not path.exists():
             raise LoRAFileError(f"LoRA file '{path}' does not exist.")
+        if not path.is_file():
+            raise LoRAFileError(f"LoRA path '{path}' is not a regular file; pass a .safetensors LoRA file.")
         try:
             tensors = dict(iter_file(path))
             file_metadata = safetensors_metadata(path) if path.suffix in SAFETENSORS_SUFFIXES else {}
@@ -185,6 +194,7 @@ def read_lora(
         metadata = {**file_metadata, **(metadata or {})}
         config_file = path.parent / "adapter_config.json"
 
+    _refuse_non_finite(tensors, name)
     grouped: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
     unsupported: dict[str, str] = {}
     for key, tensor in tensors.items():
@@ -230,6 +240,36 @@ def read_lora(
         )
     peft = _peft_scaling(metadata, config_file, name)
     return LoRAWeights(name, layers, unsupported, metadata, peft)
+
+
+def _refuse_non_finite(tensors: Mapping[str, torch.Tensor], name: str) -> None:
+    """NaN or inf in a LoRA would turn every patched weight, and so the whole video, into NaN (black frames)."""
+    bad = []
+    for key, tensor in tensors.items():
+        try:
+            check_finite(tensor, key)
+        except EasyAnimateError:
+            bad.append(key)
+    if bad:
+        raise LoRAError(
+            f"LoRA '{name}' holds NaN or infinite values in {describe_keys(bad)}; applied, it would make the "
+            "whole video NaN (black frames). The file is damaged or came from a diverged training run: "
+            "re-download it or export it again from a good checkpoint."
+        )
+
+
+def check_lora_strength(strength, what: str = "LoRA strength") -> float:
+    """A finite strength with |strength| <= MAX_LORA_STRENGTH as a float, or LoRAError giving the range."""
+    try:
+        value = float(strength)
+    except (TypeError, ValueError):
+        raise LoRAError(f"The {what} must be a number from -{MAX_LORA_STRENGTH:g} to {MAX_LORA_STRENGTH:g}; got {strength!r}.") from None
+    if not math.isfinite(value) or abs(value) > MAX_LORA_STRENGTH:
+        raise LoRAError(
+            f"The {what} must be a finite number from -{MAX_LORA_STRENGTH:g} to {MAX_LORA_STRENGTH:g} (usual: 0 to 1.5); "
+            f"got {strength!r}."
+        )
+    return value
 
 
 def _split_key(key: str) -> tuple[str, str | None]:
@@ -695,8 +735,7 @@ def lora_patches(model: nn.Module, stack: Iterable[StackItem], mode: str = "weig
     try:
         # Each change is recorded in `undo` as soon as it is made, so an interruption half-way through
         # applying is undone as well.
-        apply = {"weights": _swap_in_patched_weights, "layerwise": _patch_each_layer_during_its_forward,
-                 "hooks": _attach_low_rank_hooks}[mode]
+        apply = {"weights": _swap_in_patched_weights, "hooks": _attach_low_rank_hooks}[mode]
         apply(modules, per_module, undo)
         yield model
     finally:
@@ -722,7 +761,7 @@ def _stack_by_module(model: nn.Module, stack: Iterable[StackItem]) -> dict[str, 
                 f"LoRA '{patch.lora_name}' was resolved against another model object than the one given; "
                 "call resolve_lora with this model."
             )
-        strength = float(strength)
+        strength = check_lora_strength(strength, f"strength of LoRA '{patch.lora_name}'")
         if strength == 0.0:
             continue  # exactly no effect, not W + 0 * delta
         for name, bound in patch.layers.items():
@@ -749,23 +788,6 @@ def _swap_in_patched_weights(modules, per_module, undo: list) -> None:
         original = module._parameters["weight"]
         module._parameters["weight"] = _patched_weight(original, entries)
         undo.append(_put_back(module, original))
-
-
-def _patch_each_layer_during_its_forward(modules, per_module, undo: list) -> None:
-    """Like "weights", but a layer holds its patched weight only while its own forward runs."""
-    for name, entries in per_module.items():
-        module = modules[name]
-        original = module._parameters["weight"]
-
-        def swap_in(mod, args, original=original, entries=entries):
-            mod._parameters["weight"] = _patched_weight(original, entries)
-
-        def swap_out(mod, args, output, original=original):
-            mod._parameters["weight"] = original
-
-        undo.append(_put_back(module, original))
-        undo.append(module.register_forward_pre_hook(swap_in).remove)
-        undo.append(module.register_forward_hook(swap_out, always_call=True).remove)
 
 
 def _attach_low_rank_hooks(modules, per_module, undo: list) -> None:
@@ -825,7 +847,9 @@ class LoRAStack:
         if lora.transformer is not None and not lora.transformer.is_for(self.transformer):
             raise LoRAError(f"LoRA '{lora.lora.name}' was resolved against another transformer than this stack's.")
         te_strength = strength if text_encoder_strength is None else text_encoder_strength
-        return LoRAStack(self.transformer, self.text_encoder, self.loras + ((lora, float(strength), float(te_strength)),))
+        strength = check_lora_strength(strength, f"strength of LoRA '{lora.lora.name}'")
+        te_strength = check_lora_strength(te_strength, f"text encoder strength of LoRA '{lora.lora.name}'")
+        return LoRAStack(self.transformer, self.text_encoder, self.loras + ((lora, strength, te_strength),))
 
     @property
     def reports(self) -> list[LoRAReport]:

@@ -15,15 +15,16 @@ Three small pieces, each usable alone:
 * `to_fp8` stores the transformer's linear weights as float8 e4m3fn with one float32 scale per output
   channel and upcasts each layer's weight to the compute dtype only while that layer runs.
 
-`MemoryPlan` ties them to a generation: `plan.stage(module)` places a model for one stage (text encoder ->
-transformer -> VAE) and `plan.transformer_stage(transformer)` the transformer for the denoising loop,
-with whole-model offload ("offload"), block swap ("block-swap"), fp8 weights ("fp8") or none ("none").
-A memory budget (bytes) additionally lets the transformer split the CFG batch and the global attention
-into chunks (same results) and the VAE choose its tile size (`easyanimate.vae`).
+`MemoryOptions` names a mode: whole-model offload ("offload"), block swap ("block-swap"), fp8 weights ("fp8")
+or none ("none"), and an optional activation budget (bytes) that lets the transformer split the CFG batch
+and the global attention into chunks (same results) and the VAE choose its tile size (`easyanimate.vae`).
+The standalone host (`easyanimate.host.StandaloneHost`) applies them stage by stage to a generation;
+inside ComfyUI its own model management decides instead.
 """
 from __future__ import annotations
 
 import logging
+import math
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import lru_cache
@@ -360,10 +361,10 @@ def _malloc_trim():
         return None
 
 
-# ---------------------------------------------------------------------------------------------- plan
+# ---------------------------------------------------------------------------------------------- options
 @dataclass
 class MemoryOptions:
-    """What the command line and `make_video` take: a mode, the block-swap size and a budget."""
+    """A memory mode, the block-swap size and an activation budget (MiB), as the command line takes them."""
 
     mode: str = "none"
     swap_blocks: int = 4
@@ -374,8 +375,8 @@ class MemoryOptions:
             raise EasyAnimateError(f"Unknown memory mode '{self.mode}'; use one of {', '.join(MODES)}.")
         if self.swap_blocks < 1:
             raise EasyAnimateError(f"--swap-blocks must be at least 1; got {self.swap_blocks}.")
-        if self.budget_mb is not None and self.budget_mb <= 0:
-            raise EasyAnimateError(f"The memory budget must be positive (MB); got {self.budget_mb}.")
+        if self.budget_mb is not None and not (math.isfinite(self.budget_mb) and self.budget_mb > 0):
+            raise EasyAnimateError(f"The memory budget must be a positive number of MiB; got {self.budget_mb}.")
 
     @property
     def budget_bytes(self) -> int | None:
@@ -385,73 +386,6 @@ class MemoryOptions:
     def streams_weights(self) -> bool:
         """Whether the models live in storage and visit the compute device per stage."""
         return self.mode in ("offload", "block-swap")
-
-
-class MemoryPlan:
-    """How one generation places its models (see the module docstring).
-
-        plan = MemoryPlan(MemoryOptions("block-swap", swap_blocks=8), compute="cuda")
-        plan.place_model(model)                  # an EasyAnimateModel loaded on the CPU
-        video = make_video(model, prompt, ..., memory=plan)
-    """
-
-    def __init__(self, options: MemoryOptions | None = None, compute="cpu", storage="cpu", *,
-                 manager: DeviceManager | None = None):
-        self.options = options or MemoryOptions()
-        self.manager = manager or DeviceManager(compute, storage)
-        self.report: dict = {}
-
-    @classmethod
-    def passive(cls) -> "MemoryPlan":
-        """The plan of a call that was given none: models stay where they are."""
-        return cls(MemoryOptions())
-
-    @property
-    def compute(self) -> torch.device:
-        return self.manager.compute
-
-    def stage(self, module: nn.Module | None):
-        """Context: `module` placed for one stage (a no-op unless the mode streams weights)."""
-        if module is None or not self.options.streams_weights:
-            return nullcontext(module)
-        return self.manager.placed(module)
-
-    def transformer_stage(self, transformer: nn.Module):
-        """Context for the denoising loop: the whole transformer, or its blocks streamed; with a budget,
-        the transformer may chunk its CFG batch and attention."""
-        budget = self.options.budget_bytes
-        budget_context = transformer_budget(transformer, budget) if budget is not None else nullcontext()
-        if self.options.mode == "block-swap":
-            swap = BlockSwap(self.manager, transformer, transformer.transformer_blocks, self.options.swap_blocks)
-            return _both(budget_context, swap)
-        return _both(budget_context, self.stage(transformer))
-
-    def apply_fp8(self, transformer: nn.Module) -> None:
-        """fp8 mode: convert the transformer's linear weights (once)."""
-        if self.options.mode == "fp8" and not self.report.get("fp8"):
-            self.report["fp8"] = to_fp8(transformer)
-            log.info("fp8 weights: %d layers, %.0f MB -> %.0f MB", self.report["fp8"]["layers"],
-                     self.report["fp8"]["bytes_before"] / 1e6, self.report["fp8"]["bytes_after"] / 1e6)
-
-    def place_model(self, model) -> None:
-        """Get a loaded `EasyAnimateModel` (weights on the storage device) ready for this plan: fp8 converts
-        the transformer and moves everything to the compute device, "none" moves everything there, the
-        streaming modes leave everything in storage (pinned for asynchronous copies to a GPU)."""
-        parts = [model.transformer, model.vae.model]
-        parts += [p.model for p in (model.text_encoder, model.image_encoder) if p is not None]
-        self.apply_fp8(model.transformer)
-        if self.options.streams_weights:
-            for part in parts:
-                self.manager.pin(part)
-            return
-        for part in parts:
-            part.to(self.compute)
-
-
-@contextmanager
-def _both(first, second):
-    with first, second as value:
-        yield value
 
 
 @contextmanager

@@ -1,44 +1,42 @@
-"""Generation: text-, image- and video-to-video with an EasyAnimate transformer and VAE (spec §5.4).
+"""Generation: prompts to video in four named stages, the public Python API the nodes and the command line call.
 
-The public Python API the nodes and the command line call:
+    1. prepare text         prompts -> `Conditioning` (positive, negative)             `stages.prepare_text`
+    2. prepare latents      a checked `VideoRequest` -> `Denoising`: the sampler, the   `stages.prepare_latents`
+                            start latents and everything the model sees besides them
+    3. denoise              `Denoising` -> latents: the sampler's loop with guidance   `stages.denoise`
+    4. decode               latents -> video (B, 3, F, H, W) in [0, 1]                 `stages.decode`
+
+A model family implements the four stages (`DiTStages`: EasyAnimate V1, V2 and V3); `generate`,
+`generate_long` and `make_video` run them in order, so a new family adds its own stages instead of
+branches here. Every input is checked (`stages.request`) before any model runs.
+
+Each stage runs its model inside `placement.stage(kind, memory_required)`: a host (see `easyanimate.host`)
+puts the model on its compute device for that stage, knowing the stage's activation estimate; without a
+placement the models stay where they are. Everything random comes from explicit generators:
+`generator` (or `seed`) draws the start noise and each step's noise; the VAE posterior samples come
+from `vae_generator` (default: seeded with seed + 1), since the reference draws them from torch's global
+RNG (pass a CPU generator seeded as the reference seeded its global RNG to reproduce them).
 
     transformer = load_transformer(folder, dtype="bf16", device="cuda")
     vae = load_vae(folder, dtype="bf16", device="cuda")
-    positive, negative = text_encoder.encode(prompt), text_encoder.encode(negative_prompt)  # Conditioning
-    latents = generate(transformer, vae, positive, negative, frames=49, height=384, width=672, seed=43)
-    video = vae.decode_video(latents)                                      # (B, 3, F, H, W) in [0, 1]
-
-What happens inside `generate`, in the reference's order:
-  1. check every input before any work (sizes, frame count, strength, image shapes, text width);
-  2. build the conditioning video and mask: text-to-video = an empty video, everything to generate;
-     image-to-video = the start image(s) on the first frames (and an end image on the last), the
-     rest to generate; video-to-video = the input video, everything regenerated from `strength`;
-  3. V3 InP models: encode [mask, masked video] with the VAE into the 8 `inpaint_latents` channels
-     (for text-to-video too: the encodings of the all-masked video, not zeros);
-  4. draw the start noise from the caller's generator; denoise with CFG as one [negative, positive]
-     batch, CLIP image tokens switched on for the last `clip_apply_ratio` of the steps;
-  5. return the latents (decoding is the VAE's `decode_video`, so hosts can decode in their own node).
-
-Everything random comes from explicit generators. The reference draws its VAE posterior samples
-from torch's global RNG; pass `vae_generator` (a CPU generator seeded as the reference seeded its
-global RNG) to reproduce them.
-
-Memory (outside ComfyUI): `memory=MemoryPlan(MemoryOptions(mode=...), compute="cuda")` places each model
-only for its stage (VAE encode -> transformer -> VAE decode; `make_video` adds the text encoder), streams
-the transformer's blocks, or uses fp8 weights; see `easyanimate.memory`. The results are those of a plain
-run (fp8: close).
+    latents = generate(transformer, vae, positive, negative, frames=48, height=384, width=672, seed=43)
+    video = vae.decode_video(latents)                               # (B, 3, F, H, W) in [0, 1]
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
 
-from .errors import EasyAnimateError
-from .frames import latent_size
-from .image_encoder import clip_conditioning, clip_inputs_for_step, resize_like_pil, to_uint8_images
-from .sampling import build_sampler, check_strength, denoise, first_step_for_strength, start_latents
+from .errors import EasyAnimateError, check_finite, check_seed
+from .frames import SPATIAL_FACTOR, latent_size
+from .host import MemoryEstimate
+from .image_encoder import ClipConditioning, clip_conditioning, clip_inputs_for_step, resize_like_pil, to_uint8_images
+from .sampling import Sampler, build_sampler, check_strength, denoise, first_step_for_strength, start_latents
+
+ProgressFn = Callable[[int, int, torch.Tensor], Optional[bool]]
 
 
 @dataclass
@@ -54,11 +52,16 @@ class Conditioning:
                 f"Conditioning needs embeddings (batch, tokens, width) and a mask (batch, tokens); got "
                 f"{tuple(self.embeds.shape)} and {tuple(self.mask.shape)}."
             )
+        check_finite(self.embeds, "prompt embedding")
 
+
+# ----------------------------------------------------------------------------------------------------
+# The conditioning video: what an inpaint model is told about the clip
+# ----------------------------------------------------------------------------------------------------
 
 @dataclass
 class ConditioningVideo:
-    """What the inpaint model is told about the clip: pixels in [0, 1] and where to generate."""
+    """Pixels in [0, 1] and where to generate."""
 
     video: torch.Tensor  # (1, 3, F, H, W) in [0, 1]
     mask: torch.Tensor  # (1, 1, F, H, W): 1 = generate, 0 = keep
@@ -78,6 +81,7 @@ def _as_frames(images: torch.Tensor, height: int, width: int, what: str) -> torc
             f"The {what} must be RGB images shaped (count, 3, height, width) with values in [0, 1]; got "
             f"shape {tuple(images.shape)}."
         )
+    check_finite(images, what)
     images = images.float().clamp(0, 1)
     if images.shape[-2:] != (height, width):
         pixels = to_uint8_images(images.permute(0, 2, 3, 1))  # (N, H', W', 3) uint8
@@ -135,8 +139,9 @@ def conditioning_video(
 
 
 def check_size(transformer, height: int, width: int) -> None:
-    """Pixel sizes: multiples of 8 * patch (16); V1's 2x2 motion cells need multiples of 32."""
-    unit = 8 * transformer.config.patch_size
+    """Pixel sizes: multiples of the VAE's factor times the patch (8 x 2 = 16); V1's 2x2 motion cells need
+    multiples of 32."""
+    unit = SPATIAL_FACTOR * transformer.config.patch_size
     if any(s.get("block_size", 1) > 1 for s in transformer.config.motion_modules):
         unit *= max(s.get("block_size", 1) for s in transformer.config.motion_modules)
     if height % unit or width % unit or height <= 0 or width <= 0:
@@ -146,23 +151,277 @@ def check_size(transformer, height: int, width: int) -> None:
         )
 
 
-def _check_text(transformer, positive: Conditioning, negative: Optional[Conditioning], guidance_scale: float):
-    width = transformer.config.caption_channels
-    for name, cond in (("prompt", positive), ("negative prompt", negative)):
-        if cond is not None and cond.embeds.shape[-1] != width:
-            raise EasyAnimateError(
-                f"The {name} embeddings have width {cond.embeds.shape[-1]}, but this model expects {width} "
-                "(T5-XXL for the released models); encode it with the model's T5 encoder, not a CLIP text encoder."
-            )
-    if guidance_scale > 1:
-        if negative is None:
-            raise EasyAnimateError("Guidance (cfg > 1) needs a negative prompt conditioning (it may encode an empty prompt).")
-        if negative.embeds.shape[:2] != positive.embeds.shape[:2]:
-            raise EasyAnimateError(
-                f"Prompt and negative prompt were encoded to different shapes {tuple(positive.embeds.shape[:2])} and "
-                f"{tuple(negative.embeds.shape[:2])}; encode both with the same encoder and token length."
-            )
+# ----------------------------------------------------------------------------------------------------
+# What the stages hand each other
+# ----------------------------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class VideoRequest:
+    """What the caller asked for, checked against the models (stage `request`)."""
+
+    frames: int
+    latent_frames: int
+    height: int
+    width: int
+    steps: int
+    guidance_scale: float
+    sampler: str
+    scheduler_config: object
+    strength: float
+    start_images: Optional[torch.Tensor]
+    end_images: Optional[torch.Tensor]
+    video: Optional[torch.Tensor]
+    clip_apply_ratio: float
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance_scale > 1
+
+    @property
+    def latent_hw(self) -> tuple[int, int]:
+        return latent_size(self.height, self.width)
+
+
+@dataclass
+class ModelInputs:
+    """What the transformer sees at every step besides the latents and the timestep, for the whole
+    model batch ([negative, positive] rows with guidance)."""
+
+    text: torch.Tensor
+    text_mask: torch.Tensor
+    inpaint: Optional[torch.Tensor] = None  # V3 InP: [mask latents, masked-video latents], 8 channels
+    clip: Optional[ClipConditioning] = None  # V3 InP: CLIP image states and mask
+    clip_apply_ratio: float = 0.5
+
+    def for_step(self, step: int, steps_run: int) -> dict:
+        clip = clip_inputs_for_step(self.clip, step, steps_run, self.clip_apply_ratio)
+        return dict(inpaint_latents=self.inpaint,
+                    clip_encoder_hidden_states=None if clip is None else clip.states,
+                    clip_attention_mask=None if clip is None else clip.mask)
+
+
+@dataclass
+class Denoising:
+    """Everything the denoising loop needs (stage `prepare_latents` -> stage `denoise`)."""
+
+    sampler: Sampler
+    start_index: int
+    latents: torch.Tensor  # where the loop starts, on the compute device
+    inputs: ModelInputs
+    guidance_scale: float
+    generator: torch.Generator
+    latent_channels: int
+    memory_required: int  # activation estimate of one transformer call on the model batch
+
+
+# ----------------------------------------------------------------------------------------------------
+# The stages of EasyAnimate V1, V2 and V3
+# ----------------------------------------------------------------------------------------------------
+
+class DiTStages:
+    """The four stages for the PixArt-style DiT families (V1, V2, V3): T5 text, an ε-predicting DDPM
+    transformer sampled with the five samplers and classifier-free guidance, and, for V3 InP models, the
+    inpaint channels and CLIP image tokens."""
+
+    def __init__(self, transformer, vae, image_encoder=None, text_encoder=None):
+        self.transformer, self.vae = transformer, vae
+        self.image_encoder, self.text_encoder = image_encoder, text_encoder
+
+    @property
+    def inpaint_model(self) -> bool:
+        return self.transformer.config.in_channels == 12
+
+    # ------------------------------------------------------------------ checks
+    def request(self, *, frames, height, width, steps=25, guidance_scale=7.0, sampler="Euler", scheduler_config=None,
+                strength=1.0, start_images=None, end_images=None, video=None, clip_apply_ratio=0.5,
+                round_frames=False) -> VideoRequest:
+        """Check every input against the models before any of them runs."""
+        strength = check_strength(strength)
+        check_size(self.transformer, height, width)
+        rules = self.vae.rules
+        count = rules.round_frames(frames) if round_frames else rules.check_frames(frames)
+        if not isinstance(guidance_scale, (int, float)) or not 0 <= guidance_scale < float("inf"):
+            raise EasyAnimateError(
+                f"The guidance scale (cfg) must be a finite number ≥ 0 (1 or less: no guidance); got {guidance_scale!r}."
+            )
+        if (start_images is not None or end_images is not None) and not self.inpaint_model:
+            raise EasyAnimateError(
+                "Image-to-video needs an EasyAnimate V3 InP model (12 input channels); this model only does "
+                "text-to-video and video-to-video."
+            )
+        if strength < 1 and video is None:
+            raise EasyAnimateError("A denoise strength below 1 needs an input video (video-to-video).")
+        if not 0 <= clip_apply_ratio <= 1:
+            raise EasyAnimateError(f"clip_apply_ratio must be in [0, 1], got {clip_apply_ratio}.")
+        first_step_for_strength(steps, strength)  # refuses a step count that leaves nothing to run
+        build_sampler(sampler, scheduler_config)  # refuses unknown names and unsupported configs
+        return VideoRequest(count.frames, count.latents, height, width, steps, float(guidance_scale), sampler,
+                            scheduler_config, strength, start_images, end_images, video, clip_apply_ratio)
+
+    def _check_text(self, request: VideoRequest, positive: Conditioning, negative: Optional[Conditioning]) -> None:
+        width = self.transformer.config.caption_channels
+        for name, cond in (("prompt", positive), ("negative prompt", negative)):
+            if cond is not None and cond.embeds.shape[-1] != width:
+                raise EasyAnimateError(
+                    f"The {name} embeddings have width {cond.embeds.shape[-1]}, but this model expects {width} "
+                    "(T5-XXL for the released models); encode it with the model's T5 encoder, not a CLIP text encoder."
+                )
+        if request.guided:
+            if negative is None:
+                raise EasyAnimateError("Guidance (cfg > 1) needs a negative prompt conditioning (it may encode an empty prompt).")
+            if negative.embeds.shape[:2] != positive.embeds.shape[:2]:
+                raise EasyAnimateError(
+                    f"Prompt and negative prompt were encoded to different shapes {tuple(positive.embeds.shape[:2])} and "
+                    f"{tuple(negative.embeds.shape[:2])}; encode both with the same encoder and token length."
+                )
+
+    def latent_shape(self, request: VideoRequest, batch: int = 1) -> tuple[int, ...]:
+        return (batch, self.vae.latent_channels, request.latent_frames, *request.latent_hw)
+
+    def memory_estimate(self, request: VideoRequest, batch: int = 1, budget: Optional[int] = None) -> MemoryEstimate:
+        """What the request needs beyond the weights, from each model's own estimate (`activation_bytes`):
+        on the compute device the larger of the denoising stage (latents, guidance batch, transformer
+        activations, chunked under `budget`) and the VAE stages (a slice, tiled under `budget`); in RAM the
+        conditioning pixels or the decoded video, whichever phase is larger."""
+        transformer, vae = self.transformer, self.vae
+        b, c, f, h, w = self.latent_shape(request, batch)
+        rows = 2 * b if request.guided else b
+        latent = 4 * c * f * h * w  # one float32 latent video
+        # latents, start noise and the sampler's temporaries per video; model input and output per model row
+        inpaint_channels = transformer.config.in_channels - c  # 8 for V3 InP, 0 otherwise
+        loop = latent * (4 * b + 3 * rows) + rows * inpaint_channels * f * h * w * 4
+        if budget is not None:
+            rows_per_pass, queries = transformer.plan_chunks(rows, f, h, w, budget)
+            activations = transformer.activation_bytes(rows_per_pass, f, h, w, queries)
+        else:
+            activations = transformer.activation_bytes(rows, f, h, w)
+        tiles = (lambda size, decode: vae.tiling_for_budget(budget, size, decode)) if budget else (lambda *_: None)
+        vae_work = vae.activation_bytes((h, w), decode=True, batch=b, tiling=tiles((h, w), True))
+        encodes = self.inpaint_model or request.strength < 1
+        if encodes:
+            size = (request.height, request.width)
+            vae_work = max(vae_work, vae.activation_bytes(size, decode=False, tiling=tiles(size, False)))
+        compute = ({"latents and guidance batch": loop, "transformer activations": activations}
+                   if activations >= vae_work else {"latents": loop, "VAE working memory": vae_work})
+        from .vae import Tiling
+
+        denoising_minimum = loop + transformer.activation_bytes(1, f, h, w)  # one model row per pass
+        smallest_tiles = Tiling(64, 0.25)  # what a budget can shrink the VAE's tiles to
+        minimum = max(denoising_minimum, loop + vae.activation_bytes((h, w), decode=True, batch=b, tiling=smallest_tiles))
+        plane = request.frames * request.height * request.width * 4  # one float32 channel of the video
+        conditioning = (13 if self.inpaint_model else 9 if request.strength < 1 else 0) * plane
+        decoded = 3 * b * plane
+        ram = {"conditioning pixels": conditioning} if conditioning > decoded else {"decoded video": decoded}
+        return MemoryEstimate(compute, ram, minimum, denoising_minimum)
+
+    # ------------------------------------------------------------------ 1. text
+    def prepare_text(self, prompt: str, negative_prompt: str, placement, *, clean_caption: bool = True):
+        """The release's T5 on both prompts -> (positive, negative) Conditioning on the CPU."""
+        if self.text_encoder is None:
+            raise EasyAnimateError("This model was loaded without its text encoder; encode prompts and call generate().")
+        with placement.stage("text_encoder", self.text_encoder.activation_bytes(1)):
+            text = self.text_encoder.encode([prompt], [negative_prompt], clean_caption=clean_caption)
+        return Conditioning(text.embeds, text.mask), Conditioning(text.negative_embeds, text.negative_mask)
+
+    # ------------------------------------------------------------------ 2. latents and conditioning
+    def prepare_latents(self, request: VideoRequest, positive: Conditioning, negative: Optional[Conditioning],
+                        placement, *, generator: torch.Generator, noise=None, vae_generator=None, vae_noise=None,
+                        clip_image_embeds=None) -> Denoising:
+        """The sampler, the start latents and the model's other inputs, in the reference's order: VAE encodes
+        of the conditioning video (InP models, video-to-video), the CLIP image, then the start noise."""
+        self._check_text(request, positive, negative)
+        transformer, vae = self.transformer, self.vae
+        sampler = build_sampler(request.sampler, request.scheduler_config)
+        sampler.set_timesteps(request.steps)
+        start = first_step_for_strength(request.steps, request.strength)
+        cond = conditioning_video(request.frames, request.height, request.width,
+                                  request.start_images, request.end_images, request.video)
+        batch = positive.embeds.shape[0]
+        shape = self.latent_shape(request, batch)
+        if noise is not None and tuple(noise.shape) != shape:
+            raise EasyAnimateError(f"noise has shape {tuple(noise.shape)}; this run needs {shape}.")
+        device, dtype = placement.device, transformer.dtype
+        vae_draws = list(vae_noise) if vae_noise is not None else None
+
+        def vae_encode(pixels):
+            draw = vae_draws.pop(0) if vae_draws else None
+            size = pixels.shape[-2:]
+            with placement.stage("vae", vae.activation_bytes(size, decode=False, tiling=None)):
+                return vae.encode_latents(pixels, generator=None if draw is not None else vae_generator, noise=draw)
+
+        # The reference encodes the conditioning video even when only the inpaint channels use it.
+        video_latents = vae_encode(cond.video * 2 - 1) if (self.inpaint_model or request.strength < 1) else None
+        inpaint = clip = None
+        if self.inpaint_model:
+            inpaint = torch.cat([vae_encode(pixels) for pixels in inpaint_pixels(cond)], dim=1)
+            inpaint = inpaint.to(device, dtype).expand(batch, -1, -1, -1, -1)
+            if inpaint.shape[2:] != shape[2:]:
+                raise EasyAnimateError(f"Conditioning latents {tuple(inpaint.shape)} do not match the latent shape {shape}.")
+            if clip_image_embeds is None and self.image_encoder is not None and cond.clip_image is not None:
+                with placement.stage("image_encoder"):
+                    clip_image_embeds = self.image_encoder.encode(cond.clip_image)
+            clip = clip_conditioning(clip_image_embeds, batch, guidance=request.guided, dtype=dtype, device=device)
+
+        if noise is None:
+            noise = torch.randn(shape, generator=generator, device=generator.device, dtype=dtype)
+        noise = noise.to(device, dtype)
+        latents = start_latents(sampler, noise, start,
+                                video_latents.to(device, dtype).expand(shape) if request.strength < 1 else None)
+
+        text = torch.cat([negative.embeds, positive.embeds]) if request.guided else positive.embeds
+        text_mask = torch.cat([negative.mask, positive.mask]) if request.guided else positive.mask
+        if inpaint is not None and request.guided:
+            inpaint = torch.cat([inpaint, inpaint])
+        inputs = ModelInputs(text.to(device, dtype), text_mask.to(device), inpaint, clip, request.clip_apply_ratio)
+        rows = 2 * batch if request.guided else batch
+        memory = transformer.activation_bytes(rows, *shape[2:])
+        return Denoising(sampler, start, latents, inputs, request.guidance_scale, generator,
+                         vae.latent_channels, memory)
+
+    # ------------------------------------------------------------------ 3. denoise
+    def denoise(self, denoising: Denoising, placement, callback: Optional[ProgressFn] = None) -> torch.Tensor:
+        """The sampler's loop with classifier-free guidance -> latents (B, C, F, h, w)."""
+        transformer, inputs = self.transformer, denoising.inputs
+        dtype = transformer.dtype
+        steps_run = len(denoising.sampler.timesteps) - denoising.start_index
+
+        def model_fn(model_input, timestep, step):
+            with torch.no_grad():
+                return transformer(model_input.to(dtype), timestep, inputs.text, inputs.text_mask,
+                                   **inputs.for_step(step, steps_run))
+
+        with placement.stage("transformer", denoising.memory_required):
+            return denoise(model_fn, denoising.latents, denoising.sampler, denoising.guidance_scale,
+                           start_index=denoising.start_index, generator=denoising.generator,
+                           latent_channels=denoising.latent_channels, callback=callback)
+
+    # ------------------------------------------------------------------ 4. decode
+    def decode(self, latents: torch.Tensor, placement, *, smooth: bool = False, generator=None, tiling=None,
+               out_device="cpu", progress=None) -> torch.Tensor:
+        """Latents -> video (B, 3, F, H, W) in [0, 1], slice by slice; a memory budget picks the tiles."""
+        budget = placement.budget_bytes if tiling is None else None
+        size = latents.shape[-2:]
+        with placement.stage("vae", self.vae.activation_bytes(size, decode=True, batch=latents.shape[0], tiling=tiling)):
+            return self.vae.decode_video(latents, smooth=smooth, generator=generator, tiling=tiling,
+                                         memory_budget=budget, out_device=out_device, progress=progress)
+
+
+def stages_for(transformer, vae, image_encoder=None, text_encoder=None) -> DiTStages:
+    """The stages of the model family `transformer` belongs to."""
+    return DiTStages(transformer, vae, image_encoder, text_encoder)
+
+
+def models_in_place(transformer) -> "Placement":
+    """The placement of a call that was given none: the models stay where they are, inputs go to the
+    transformer's device."""
+    from .host import Placement, fixed_device
+
+    return Placement(fixed_device(next(transformer.parameters()).device), {})
+
+
+# ----------------------------------------------------------------------------------------------------
+# Running the stages
+# ----------------------------------------------------------------------------------------------------
 
 def generate(
     transformer,
@@ -190,103 +449,36 @@ def generate(
     vae_generator: Optional[torch.Generator] = None,
     vae_noise: Optional[Sequence[torch.Tensor]] = None,
     round_frames: bool = False,
-    callback: Optional[Callable[[int, int, torch.Tensor], Optional[bool]]] = None,
-    memory=None,
+    callback: Optional[ProgressFn] = None,
+    placement=None,
 ) -> torch.Tensor:
-    """Sample latents (B, 4, F_latent, H/8, W/8), scaled as the VAE's `decode_video` expects.
+    """Sample latents (B, C, F_latent, H/8, W/8), scaled as the VAE's `decode_video` expects (stages 2 and 3).
 
     `sampler` is one of "Euler", "Euler A", "DPM++", "PNDM", "DDIM"; `scheduler_config` a release's
     folder or `scheduler/` config (None: the era's YAML defaults). Randomness: `generator` (or `seed`)
     draws the start noise and the ancestral noise; `noise` replaces the start noise draw (unit normal);
     `vae_generator` / `vae_noise` feed the VAE posterior samples (default: a generator seeded from
-    `seed`). `callback(steps_done, total, latents)` runs after each step and may return False to stop
+    `seed` + 1). `callback(steps_done, total, latents)` runs after each step and may return False to stop
     (raises `SamplingCancelled`); nothing in the models is changed by a run, stopped or not.
-    `memory`: an `easyanimate.memory.MemoryPlan` placing the VAE and the transformer per stage.
+    `placement` (from a host's `placement(...)`) places each model for its stage; None: models where they are.
     """
-    cfg = transformer.config
-    rules = vae.rules
-    strength = check_strength(strength)
-    check_size(transformer, height, width)
-    count = rules.round_frames(frames) if round_frames else rules.check_frames(frames)
-    frames = count.frames
-    lat_h, lat_w = latent_size(height, width)
-    _check_text(transformer, positive, negative, guidance_scale)
-    inpaint_model = cfg.in_channels == 12
-    if (start_images is not None or end_images is not None) and not inpaint_model:
-        raise EasyAnimateError(
-            "Image-to-video needs an EasyAnimate V3 InP model (12 input channels); this model only does "
-            "text-to-video and video-to-video."
-        )
-    if strength < 1 and video is None:
-        raise EasyAnimateError("A denoise strength below 1 needs an input video (video-to-video).")
-    if not 0 <= clip_apply_ratio <= 1:
-        raise EasyAnimateError(f"clip_apply_ratio must be in [0, 1], got {clip_apply_ratio}.")
-    sampler_obj = build_sampler(sampler, scheduler_config)
-    sampler_obj.set_timesteps(steps)
-    start = first_step_for_strength(steps, strength)
-    cond = conditioning_video(frames, height, width, start_images, end_images, video)
-    batch = positive.embeds.shape[0]
-    shape = (batch, vae.latent_channels, count.latents, lat_h, lat_w)
-    if noise is not None and tuple(noise.shape) != shape:
-        raise EasyAnimateError(f"noise has shape {tuple(noise.shape)}; this run needs {shape}.")
-
-    from .memory import MemoryPlan
-
-    memory = memory or MemoryPlan.passive()
-    device = memory.compute if memory.options.streams_weights else next(transformer.parameters()).device
-    dtype = transformer.dtype
+    stages = stages_for(transformer, vae, image_encoder)
+    request = stages.request(frames=frames, height=height, width=width, steps=steps, guidance_scale=guidance_scale,
+                             sampler=sampler, scheduler_config=scheduler_config, strength=strength,
+                             start_images=start_images, end_images=end_images, video=video,
+                             clip_apply_ratio=clip_apply_ratio, round_frames=round_frames)
+    seed = check_seed(0 if seed is None else seed)
     if generator is None:
-        generator = torch.Generator().manual_seed(0 if seed is None else seed)
+        generator = torch.Generator().manual_seed(seed)
     if vae_generator is None and vae_noise is None:
-        vae_generator = torch.Generator().manual_seed((0 if seed is None else seed) + 1)
-    vae_draws = list(vae_noise) if vae_noise is not None else None
-
-    def vae_encode(pixels):
-        draw = vae_draws.pop(0) if vae_draws else None
-        with memory.stage(vae.model):
-            return vae.encode_latents(pixels, generator=None if draw is not None else vae_generator, noise=draw)
-
-    pixels = cond.video * 2 - 1
-
-    # The reference encodes the conditioning video even when only the inpaint channels use it.
-    video_latents = vae_encode(pixels) if (inpaint_model or strength < 1) else None
-    inpaint = None
-    if inpaint_model:
-        inpaint = torch.cat([vae_encode(video) for video in inpaint_pixels(cond)], dim=1)
-        inpaint = inpaint.to(device, dtype).expand(batch, -1, -1, -1, -1)
-        if inpaint.shape[2:] != shape[2:]:
-            raise EasyAnimateError(f"Conditioning latents {tuple(inpaint.shape)} do not match the latent shape {shape}.")
-
-    use_guidance = guidance_scale > 1
-    clip = None
-    if inpaint_model:
-        if clip_image_embeds is None and image_encoder is not None and cond.clip_image is not None:
-            with memory.stage(image_encoder.model):
-                clip_image_embeds = image_encoder.encode(cond.clip_image)
-        clip = clip_conditioning(clip_image_embeds, batch, guidance=use_guidance, dtype=dtype, device=device)
-
-    if noise is None:
-        noise = torch.randn(shape, generator=generator, device=generator.device, dtype=dtype)
-    noise = noise.to(device, dtype)
-    latents = start_latents(sampler_obj, noise, start,
-                            video_latents.to(device, dtype).expand(shape) if strength < 1 else None)
-
-    text = torch.cat([negative.embeds, positive.embeds]) if use_guidance else positive.embeds
-    text_mask = torch.cat([negative.mask, positive.mask]) if use_guidance else positive.mask
-    text, text_mask = text.to(device, dtype), text_mask.to(device)
-    if inpaint is not None and use_guidance:
-        inpaint = torch.cat([inpaint, inpaint])
-    steps_run = len(sampler_obj.timesteps) - start
-
-    def model_fn(model_input, timestep, step):
-        clip_in = clip_inputs_for_step(clip, step, steps_run, clip_apply_ratio) if clip is not None else (None, None)
-        with torch.no_grad():
-            return transformer(model_input.to(dtype), timestep, text, text_mask, inpaint_latents=inpaint,
-                               clip_encoder_hidden_states=clip_in[0], clip_attention_mask=clip_in[1])
-
-    with memory.transformer_stage(transformer):
-        return denoise(model_fn, latents, sampler_obj, guidance_scale, start_index=start, generator=generator,
-                       latent_channels=vae.latent_channels, callback=callback)
+        vae_generator = torch.Generator().manual_seed(seed + 1)
+    placement = placement or models_in_place(transformer)
+    placement.check_memory(stages.memory_estimate(request, positive.embeds.shape[0], placement.budget_bytes),
+                           f"{request.frames} frames at {request.width}x{request.height}")
+    denoising = stages.prepare_latents(request, positive, negative, placement, generator=generator, noise=noise,
+                                       vae_generator=vae_generator, vae_noise=vae_noise,
+                                       clip_image_embeds=clip_image_embeds)
+    return stages.denoise(denoising, placement, callback)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -308,6 +500,13 @@ def segment_plan(frames: int, segment: int, overlap: int, chunk: int) -> list[in
     return plan
 
 
+def crossfade(video: torch.Tensor, part: torch.Tensor, overlap: int) -> torch.Tensor:
+    """`video` followed by `part`, whose first `overlap` frames fade linearly into `video`'s last ones."""
+    mix = (torch.arange(overlap, dtype=torch.float32) / overlap).view(1, 1, overlap, 1, 1)
+    video[:, :, -overlap:] = video[:, :, -overlap:] * (1 - mix) + part[:, :, :overlap] * mix
+    return torch.cat([video, part[:, :, overlap:]], dim=2)
+
+
 def generate_long(
     transformer,
     vae,
@@ -324,7 +523,8 @@ def generate_long(
     generator: Optional[torch.Generator] = None,
     vae_generator: Optional[torch.Generator] = None,
     decode_options: Optional[dict] = None,
-    callback: Optional[Callable[[int, int, torch.Tensor], Optional[bool]]] = None,
+    callback: Optional[ProgressFn] = None,
+    placement=None,
     **generate_options,
 ) -> torch.Tensor:
     """A video longer than one segment (the reference's `partial_video_length` mode), decoded, in [0, 1].
@@ -340,11 +540,13 @@ def generate_long(
     if not 0 < overlap < segment:
         raise EasyAnimateError(f"overlap must be between 1 and segment_frames - 1 ({segment - 1}); got {overlap}.")
     plan = segment_plan(frames, segment, overlap, vae.rules.frames_per_chunk)
-    seed = 0 if seed is None else seed
+    seed = check_seed(0 if seed is None else seed)
     generator = generator or torch.Generator().manual_seed(seed)
     vae_generator = vae_generator or torch.Generator().manual_seed(seed + 1)
     steps = generate_options.get("steps", 25)
     total = steps * len(plan)
+    placement = placement or models_in_place(transformer)
+    stages = stages_for(transformer, vae, generate_options.get("image_encoder"))
 
     video, images = None, start_images
     for index, length in enumerate(plan):
@@ -353,14 +555,9 @@ def generate_long(
 
         latents = generate(transformer, vae, positive, negative, frames=length, height=height, width=width,
                            start_images=images, generator=generator, vae_generator=vae_generator,
-                           callback=segment_progress, **generate_options)
-        part = vae.decode_video(latents, generator=vae_generator, **(decode_options or {})).cpu()
-        if video is None:
-            video = part
-        else:
-            mix = (torch.arange(overlap, dtype=torch.float32) / overlap).view(1, 1, overlap, 1, 1)
-            video[:, :, -overlap:] = video[:, :, -overlap:] * (1 - mix) + part[:, :, :overlap] * mix
-            video = torch.cat([video, part[:, :, overlap:]], dim=2)
+                           callback=segment_progress, placement=placement, **generate_options)
+        part = stages.decode(latents, placement, generator=vae_generator, **(decode_options or {})).cpu()
+        video = part if video is None else crossfade(video, part, overlap)
         images = ((video[0, :, -overlap:] * 255).to(torch.uint8).float() / 255).transpose(0, 1)
     return video
 
@@ -371,7 +568,7 @@ def generate_long(
 
 @dataclass
 class EasyAnimateModel:
-    """The parts of one EasyAnimate release, loaded."""
+    """The parts of one EasyAnimate release, loaded on `device`."""
 
     family: str
     transformer: object
@@ -379,13 +576,18 @@ class EasyAnimateModel:
     text_encoder: object = None
     image_encoder: object = None
     scheduler_config: Optional[object] = None  # the release's scheduler/ folder, when it has one
+    device: torch.device = torch.device("cpu")
+
+    def modules(self) -> dict:
+        """The torch modules of the parts, by component kind."""
+        return {"transformer": self.transformer, "vae": self.vae.model,
+                "text_encoder": self.text_encoder.model if self.text_encoder is not None else None,
+                "image_encoder": self.image_encoder.model if self.image_encoder is not None else None}
 
 
 def load_model(path, *, dtype="bf16", device="cpu", text_encoder: bool = True, image_encoder: bool = True,
                motion_module=None, personalized=None) -> EasyAnimateModel:
     """Load a release folder (transformer/, vae/, text_encoder/ + tokenizer/, image_encoder/, scheduler/)."""
-    from pathlib import Path
-
     from .loading import load_transformer
     from .vae import load_vae
 
@@ -408,7 +610,7 @@ def load_model(path, *, dtype="bf16", device="cpu", text_encoder: bool = True, i
 
         clip = load_image_encoder(root, dtype=dtype, device=device)
     scheduler = root / "scheduler" if (root / "scheduler" / "scheduler_config.json").is_file() else None
-    return EasyAnimateModel(transformer.config.family, transformer, vae, encoder, clip, scheduler)
+    return EasyAnimateModel(transformer.config.family, transformer, vae, encoder, clip, scheduler, torch.device(device))
 
 
 def make_video(
@@ -422,30 +624,51 @@ def make_video(
     clean_caption: bool = True,
     smooth: bool = False,
     tiling=None,
-    memory=None,
+    host=None,
+    loras: Sequence = (),
     **generate_options,
 ) -> torch.Tensor:
-    """Prompt (and optional start/end images or input video) -> video (1, 3, F, H, W) in [0, 1], on the CPU.
+    """Prompt (and optional start/end images or input video) -> video (1, 3, F, H, W) in [0, 1], on the CPU:
+    the four stages in order.
 
-    `memory`: an `easyanimate.memory.MemoryPlan` (after `memory.place_model(model)`): each model is placed
-    for its stage only, and a budget also picks the VAE's tile size."""
-    from .memory import MemoryPlan
+    `host` (e.g. `StandaloneHost(MemoryOptions("offload"), compute="cuda")`) places each model for its
+    stage; None: the models stay on the device they were loaded on. `loras`: [(ResolvedLoRA, strength)]
+    applied to the transformer and the text encoder while they run (the loaded weights never change)."""
+    from .host import Placement, fixed_device
 
-    memory = memory or MemoryPlan.passive()
-    if model.text_encoder is None:
-        raise EasyAnimateError("This model was loaded without its text encoder; encode prompts and call generate().")
-    with memory.stage(model.text_encoder.model):
-        text = model.text_encoder.encode([prompt], [negative_prompt], clean_caption=clean_caption)
-    positive = Conditioning(text.embeds, text.mask)
-    negative = Conditioning(text.negative_embeds, text.negative_mask)
+    placement = Placement(fixed_device(model.device), {})
+    if host is not None:
+        components = {kind: host.wrap(module, kind) for kind, module in model.modules().items() if module is not None}
+        for lora, strength in loras:
+            for kind in ("transformer", "text_encoder"):
+                if kind in components and lora.patch_for(components[kind].module) is not None:
+                    components[kind] = host.with_lora(components[kind], lora, strength)
+        placement = host.placement(**components)
+    elif loras:
+        raise EasyAnimateError("LoRAs are applied by a host: pass host=StandaloneHost(...) with loras.")
+    stages = stages_for(model.transformer, model.vae, model.image_encoder, model.text_encoder)
     generate_options.setdefault("scheduler_config", model.scheduler_config)
-    if model.image_encoder is not None:
-        generate_options.setdefault("image_encoder", model.image_encoder)
-    seed = generate_options.get("seed")
+    seed = check_seed(generate_options.setdefault("seed", 0) or 0)
+    # Every input, and whether the request fits in memory, checked before the text encoder runs.
+    request = stages.request(frames=frames, height=height, width=width,
+                             **{k: v for k, v in generate_options.items() if k in _REQUEST_OPTIONS})
+    placement.check_memory(stages.memory_estimate(request, 1, placement.budget_bytes),
+                           f"{request.frames} frames at {request.width}x{request.height}")
+    text_loras = model.text_encoder is not None and any(
+        lora.patch_for(model.text_encoder.model) is not None for lora, _ in loras)
+    if text_loras:
+        model.text_encoder.clear_cache()  # cached embeddings were made without these LoRAs
+    try:
+        positive, negative = stages.prepare_text(prompt, negative_prompt, placement, clean_caption=clean_caption)
+    finally:
+        if text_loras:
+            model.text_encoder.clear_cache()  # and these must not be reused without them
+    generate_options.setdefault("image_encoder", model.image_encoder)
     latents = generate(model.transformer, model.vae, positive, negative, frames=frames, height=height, width=width,
-                       memory=memory, **generate_options)
-    decode_generator = torch.Generator().manual_seed((0 if seed is None else seed) + 2) if smooth else None
-    with memory.stage(model.vae.model):
-        return model.vae.decode_video(latents, smooth=smooth, generator=decode_generator, tiling=tiling,
-                                      memory_budget=memory.options.budget_bytes if tiling is None else None,
-                                      out_device="cpu")
+                       placement=placement, **generate_options)
+    decode_generator = torch.Generator().manual_seed(seed + 2) if smooth else None
+    return stages.decode(latents, placement, smooth=smooth, generator=decode_generator, tiling=tiling)
+
+
+_REQUEST_OPTIONS = ("steps", "guidance_scale", "sampler", "scheduler_config", "strength", "start_images",
+                    "end_images", "video", "clip_apply_ratio", "round_frames")

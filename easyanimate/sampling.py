@@ -1,6 +1,6 @@
 """Sampling: the five EasyAnimate samplers and the classifier-free-guidance denoising loop.
 
-Typical use (what the pipeline does, spec §5.4):
+Typical use (what the pipeline does):
 
     sampler = build_sampler("Euler", model_folder)          # or build_sampler("Euler") for the YAML route
     sampler.set_timesteps(steps)
@@ -9,8 +9,8 @@ Typical use (what the pipeline does, spec §5.4):
     latents = denoise(model_fn, latents, sampler, guidance_scale, start_index=start,
                       generator=generator, callback=progress)
 
-Two ways to configure a sampler exist in the reference (spec §5.2) and they give different timesteps
-for DDIM and PNDM:
+Two ways to configure a sampler exist in the reference (docs/numerics.md#two-configuration-routes) and they
+give different timesteps for DDIM and PNDM:
   * from a release's `scheduler/scheduler_config.json` (V3 ComfyUI nodes, predict_t2v.py): the file
     is a DPM-Solver config; every sampler takes the keys it knows from it and its own defaults for the
     rest (so DDIM/PNDM use the file's `linspace` spacing and DDIM keeps its default `clip_sample`);

@@ -1,19 +1,21 @@
-"""T5 text encoding for EasyAnimate (spec §4.1–4.3): prompt cleaning, tokenizing, the encoder, a cache.
+"""T5 text encoding for EasyAnimate: prompt cleaning, tokenizing, the encoder, a cache.
 
 Every EasyAnimate release (V1–V3) conditions its transformer on the last hidden state of the T5 v1.1
 XXL encoder: 120 tokens, padded to full length, with an attention mask. This module turns prompts into
 those embeddings:
 
 1. **Prompt cleaning** (`preprocess_prompt`): the reference runs the DeepFloyd-IF caption cleaner twice
-   over every prompt, positive and negative (`clean_caption=True` by default). The reference needs
-   `beautifulsoup4` and `ftfy` for it; we reimplement it with the standard library only (`html.parser`,
-   `html`, `re`, `unicodedata`), so the same prompt gives the same tokens on every machine. The one
-   part of ftfy not reproduced is its mojibake repair (re-decoding text that was decoded with the
-   wrong codec, e.g. "cafÃ©" -> "café"); typed prompts do not contain mojibake.
+   over every prompt, positive and negative (`clean_caption=True` by default): URL decoding, regular
+   expressions, `beautifulsoup4` to drop HTML and `ftfy` to repair broken text (mojibake such as
+   "â€œ" -> '"', entities, ligatures, fullwidth letters). We run the same steps with the same two
+   libraries, so a prompt is cleaned exactly as the reference cleans it, quirks included: the prompt
+   is lower-cased before ftfy sees it, so mojibake with capitals ("cafÃ©") is no longer recognised.
 2. **Tokenizing** (`T5PromptTokenizer`): the release's sentencepiece `spiece.model`, used the way the
    reference's slow `T5Tokenizer` (legacy mode) uses it: special tokens split out, `</s>` appended,
    truncated to 120, padded with `<pad>` to 120. We call sentencepiece directly because transformers 5
-   only offers a converted fast tokenizer, whose results can differ from the slow one on edge cases.
+   only offers a converted fast tokenizer, whose results differ from the slow one: it appends a second
+   `</s>` to a text that ends with one, and it splits words differently for word-level models (the
+   demo's), e.g. "a. b, c!".
 3. **The encoder** (`load_text_encoder`): transformers' own `T5EncoderModel`, built on the `meta`
    device and filled tensor by tensor in the requested dtype, from a release's `text_encoder/` folder
    (sharded fp16 safetensors with an index) or from the single-file T5-XXL encoders ComfyUI users
@@ -28,20 +30,18 @@ Typical use::
     text = encoder.encode("a cat walking in the snow", negative_prompts="blurry, low quality")
     text.embeds, text.mask, text.negative_embeds, text.negative_mask   # (1, 120, 4096), (1, 120), ...
 
-transformers is imported inside the functions that need it, so importing this module is cheap.
+transformers, ftfy and Beautiful Soup are imported inside the functions that need them, so importing
+this module is cheap.
 """
 from __future__ import annotations
 
 import html
-import html.entities
 import json
 import logging
 import os
 import re
-import unicodedata
 import urllib.parse
 from collections import OrderedDict
-from html.parser import HTMLParser
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
@@ -50,12 +50,15 @@ import torch
 from .checkpoint import (
     SAFETENSORS_SUFFIXES,
     assign_tensors,
+    check_config_against_weights,
+    count_indexed,
     describe_keys,
     file_key_shapes,
     iter_file,
     iter_safetensors,
     meta_tensors,
     parse_dtype,
+    read_json_config,
     weight_files,
 )
 from .errors import CheckpointMismatchError, EasyAnimateError, LayoutError
@@ -67,7 +70,7 @@ DEFAULT_MAX_LENGTH = 120
 
 
 # ==================================================================================================
-# 1. Prompt cleaning (spec §4.2)
+# 1. Prompt cleaning
 # ==================================================================================================
 
 
@@ -154,228 +157,41 @@ _AFTER_TEXT_FIXES = [
 
 
 def clean_caption_once(caption: str) -> str:
-    """One pass of the reference caption cleaner (DeepFloyd IF's `_clean_caption`), stdlib only."""
+    """One pass of the reference caption cleaner (DeepFloyd IF's `_clean_caption`, which PixArt and
+    EasyAnimate copied), step by step in the reference's order."""
+    import ftfy  # imported here, like bs4 below: most users of this module never clean a prompt
+
     caption = urllib.parse.unquote_plus(str(caption))
     caption = caption.strip().lower()
     caption = caption.replace("<person>", "person")
     for pattern in _URL_PATTERNS:
         caption = pattern.sub("", caption)
-    caption = html_to_text(caption)
+    caption = _html_text(caption)
     for pattern, replacement in _BEFORE_TEXT_FIXES:
         caption = pattern.sub(replacement, caption)
     if len(_JOINTS.findall(caption)) > 3:
         caption = _JOINTS.sub(" ", caption)
-    caption = fix_text(caption)
+    # Repairs mojibake ("cafÃ©" -> "café"), decodes entities, splits ligatures, narrows fullwidth
+    # letters, straightens quotes, drops control characters and normalises to NFC.
+    caption = ftfy.fix_text(caption)
     caption = html.unescape(html.unescape(caption))
     for pattern, replacement in _AFTER_TEXT_FIXES:
         caption = pattern.sub(replacement, caption)
     return caption.strip()
 
 
-# --- HTML to text: what `BeautifulSoup(text, "html.parser").text` returns --------------------------
+def _html_text(caption: str) -> str:
+    """The text of `caption` read as HTML, as the reference gets it: `BeautifulSoup(caption,
+    features="html.parser").text` (tags, comments and script/style contents dropped, entities decoded)."""
+    import warnings
 
-# bs4 keeps the text of these elements out of `.text` (scripts, styles, templates, ruby annotations).
-_HIDDEN_TEXT_ELEMENTS = {"script", "style", "template", "rt", "rp"}
-# Elements that never have content; their end tag is implied.
-_VOID_ELEMENTS = {
-    "area", "base", "br", "col", "embed", "hr", "img", "input", "keygen", "link", "menuitem", "meta",
-    "param", "source", "track", "wbr", "basefont", "bgsound", "command", "frame", "image", "isindex",
-    "nextid", "spacer",
-}
+    from bs4 import BeautifulSoup, MarkupResemblesLocatorWarning
 
-
-class _TextExtractor(HTMLParser):
-    """Collects the visible text of an HTML fragment the way Beautiful Soup's html.parser builder does.
-
-    Beautiful Soup drives this same standard-library parser with `convert_charrefs=False` and decodes
-    entities itself; its `.text` keeps plain text and CDATA and drops comments, doctypes, processing
-    instructions and the text inside script/style/template/rt/rp.
-    """
-
-    def __init__(self):
-        super().__init__(convert_charrefs=False)
-        self.pieces: list[str] = []
-        self.open_tags: list[str] = []
-
-    def _visible(self) -> bool:
-        return not any(tag in _HIDDEN_TEXT_ELEMENTS for tag in self.open_tags)
-
-    def handle_starttag(self, tag, attrs):
-        if tag not in _VOID_ELEMENTS:
-            self.open_tags.append(tag)
-
-    def handle_endtag(self, tag):
-        # Close the most recent open element of that name (and everything opened after it), if any.
-        if tag in self.open_tags:
-            del self.open_tags[len(self.open_tags) - 1 - self.open_tags[::-1].index(tag):]
-
-    def handle_data(self, data):
-        if self._visible():
-            self.pieces.append(data)
-
-    def handle_entityref(self, name):
-        # Unknown entities stay literal text, without the semicolon the parser consumed.
-        self.handle_data(html.entities.html5.get(name + ";", "&" + name))
-
-    def handle_charref(self, name):
-        hexadecimal = name[:1] in ("x", "X")
-        digits, rest = (name[1:], "[0-9a-f]") if hexadecimal else (name, "[0-9]")
-        match = re.match(f"^({rest}+)(.*)", digits, flags=re.S | (re.I if hexadecimal else 0))
-        if match is None:
-            self.handle_data(name)
-            return
-        self.handle_data(_numeric_reference(int(match.group(1), 16 if hexadecimal else 10)))
-        self.handle_data(match.group(2))
-
-    def unknown_decl(self, data):
-        # CDATA counts as text even inside hidden elements (bs4 gives it its own string type).
-        if data.upper().startswith("CDATA["):
-            self.pieces.append(data[len("CDATA["):])
-
-    # Comments, doctypes and processing instructions are not text.
-    def handle_comment(self, data):
-        pass
-
-    def handle_decl(self, decl):
-        pass
-
-    def handle_pi(self, data):
-        pass
-
-
-def _numeric_reference(number: int) -> str:
-    """The character of `&#number;` per the HTML spec: C1 codes read as Windows-1252, invalid -> U+FFFD."""
-    if number == 0 or number > 0x10FFFF or 0xD800 <= number <= 0xDFFF:
-        return "\ufffd"
-    if 0x80 <= number <= 0x9F:
-        return _windows_1252(chr(number))
-    return chr(number)
-
-
-def _windows_1252(char: str) -> str:
-    """A C1 control character read as the Windows-1252 byte it most likely was (browsers do this)."""
-    try:
-        return bytes([ord(char)]).decode("cp1252")
-    except UnicodeDecodeError:  # the five bytes Windows-1252 leaves undefined stay as they are
-        return char
-
-
-def html_to_text(text: str) -> str:
-    """The text content of an HTML fragment (tags removed, entities decoded)."""
-    parser = _TextExtractor()
-    parser.feed(text)
-    parser.close()
-    return "".join(parser.pieces)
-
-
-# --- ftfy.fix_text, minus mojibake repair ----------------------------------------------------------
-
-_ENTITY = re.compile(r"&#?[0-9A-Za-z]{1,24};")
-_ANSI_ESCAPE = re.compile("\033\\[((?:\\d|;)*)([a-zA-Z])")
-_C1_CONTROL = re.compile(r"[\x80-\x9f]")
-_SINGLE_QUOTES = re.compile("[\u02bc\u2018-\u201b]")
-_DOUBLE_QUOTES = re.compile("[\u201c-\u201f]")
-_SURROGATE_PAIR = re.compile("[\ud800-\udbff][\udc00-\udfff]")
-_SURROGATE = re.compile("[\ud800-\udfff]")
-_LINE_BREAKS = re.compile("\r\n|[\r\u2028\u2029\u0085]")
-
-# Latin typographic ligatures and legacy digraphs, split into their letters.
-_LIGATURES = str.maketrans({
-    "Ĳ": "IJ", "ĳ": "ij", "ŉ": "ʼn", "Ǳ": "DZ", "ǲ": "Dz", "ǳ": "dz", "Ǆ": "DŽ", "ǅ": "Dž", "ǆ": "dž",
-    "Ǉ": "LJ", "ǈ": "Lj", "ǉ": "lj", "Ǌ": "NJ", "ǋ": "Nj", "ǌ": "nj",
-    "ﬀ": "ff", "ﬁ": "fi", "ﬂ": "fl", "ﬃ": "ffi", "ﬄ": "ffl", "ﬅ": "ſt", "ﬆ": "st",
-})
-
-# Control characters that are never intended in text (C0 except tab/newlines, DEL, deprecated format
-# characters, the byte-order mark, interlinear annotation marks).
-_CONTROL_CHARS = dict.fromkeys(
-    [*range(0x00, 0x09), 0x0B, *range(0x0E, 0x20), 0x7F, *range(0x206A, 0x2070), 0xFEFF, *range(0xFFF9, 0xFFFD)]
-)
-
-_width_map: dict[int, str] | None = None
-_entity_map: dict[str, str] | None = None
-
-
-def _fullwidth_to_normal() -> dict[int, str]:
-    """Fullwidth and halfwidth forms (U+FF01..U+FFEF) and the ideographic space, as normal-width text."""
-    global _width_map
-    if _width_map is None:
-        table = {0x3000: " "}
-        for code in range(0xFF01, 0xFFF0):
-            normal = unicodedata.normalize("NFKC", chr(code))
-            if normal != chr(code):
-                table[code] = normal
-        _width_map = table
-    return _width_map
-
-
-def _entities() -> dict[str, str]:
-    """`&name;` -> character for every HTML5 entity, plus the upper-cased spellings of lower-case ones
-    (`&EACUTE;` -> "É") when that spelling is not itself an entity."""
-    global _entity_map
-    if _entity_map is None:
-        table = {}
-        for name, char in html.entities.html5.items():
-            if not name.endswith(";"):
-                continue
-            table["&" + name] = char
-            upper = "&" + name.upper()
-            if name == name.lower() and html.unescape(upper) == upper:
-                table[upper] = char.upper()
-        _entity_map = table
-    return _entity_map
-
-
-def _unescape_entity(match: re.Match) -> str:
-    entity = match.group(0)
-    if entity in _entities():
-        return _entities()[entity]
-    if entity.startswith("&#"):
-        decoded = html.unescape(entity)
-        return entity if ";" in decoded else decoded  # only accept references decoded as a whole
-    return entity
-
-
-def _fix_segment(text: str, unescape: bool) -> str:
-    while True:
-        before = text
-        if unescape:
-            text = _ENTITY.sub(_unescape_entity, text)
-        text = _C1_CONTROL.sub(lambda m: _windows_1252(m.group(0)), text)
-        text = text.translate(_LIGATURES)
-        text = text.translate(_fullwidth_to_normal())
-        text = _SINGLE_QUOTES.sub("'", _DOUBLE_QUOTES.sub('"', text))
-        text = _LINE_BREAKS.sub("\n", text)
-        if _SURROGATE.search(text):
-            text = _SURROGATE_PAIR.sub(_join_surrogates, text)
-            text = _SURROGATE.sub("\ufffd", text)
-        text = _ANSI_ESCAPE.sub("", text)
-        text = text.translate(_CONTROL_CHARS)
-        text = unicodedata.normalize("NFC", text)
-        if text == before:
-            return text
-
-
-def _join_surrogates(match: re.Match) -> str:
-    high, low = (ord(c) for c in match.group(0))
-    return chr(0x10000 + ((high - 0xD800) << 10) + (low - 0xDC00))
-
-
-def fix_text(text: str) -> str:
-    """What `ftfy.fix_text` (defaults) does to typed text, without its mojibake repair.
-
-    Line by line, repeated until nothing changes: decode HTML entities (only while no "<" has been
-    seen, as text with tags may mean its entities literally), C1 controls as Windows-1252, split Latin
-    ligatures, fullwidth -> normal width, straight quotes, one kind of line break, surrogate pairs,
-    drop terminal colour codes and stray control characters, NFC normalisation.
-    """
-    out = []
-    unescape = True
-    for segment in re.findall(r"[^\n]*\n|[^\n]+$", text):  # lines, each with its "\n"
-        if "<" in segment:
-            unescape = False  # sticky, like ftfy: once a line looks like HTML, no later line is unescaped
-        out.append(_fix_segment(segment, unescape))
-    return "".join(out)
+    with warnings.catch_warnings():
+        # bs4 warns when the markup looks like a file name or URL ("a cat.png") passed by mistake;
+        # a prompt is always meant as text.
+        warnings.simplefilter("ignore", MarkupResemblesLocatorWarning)
+        return BeautifulSoup(caption, features="html.parser").text
 
 
 # ==================================================================================================
@@ -435,7 +251,7 @@ class T5PromptTokenizer:
         extra_ids, strip_around = 100, {}
         config_file = folder / "tokenizer_config.json"
         if path.name == "spiece.model" and config_file.is_file():
-            config = json.loads(config_file.read_text(encoding="utf-8"))
+            config = read_json_config(config_file, what="tokenizer config")
             extra_ids = int(config.get("extra_ids", 100))
             for token in (config.get("added_tokens_decoder") or {}).values():
                 if isinstance(token, dict) and "content" in token:
@@ -465,6 +281,26 @@ class T5PromptTokenizer:
             elif chunk:
                 ids.extend(self.sp.encode(chunk))
         return ids
+
+    def unknown_words(self, text: str) -> list[str]:
+        """The words of `text` (split at white space) that the vocabulary cannot spell, each once.
+
+        sentencepiece turns such a word, or the characters of it that no piece covers, into `<unk>`:
+        one embedding shared by everything unknown, so the model learns nothing about the word. A
+        literal special token such as `<unk>` typed into the prompt is not a word and is not listed.
+        """
+        unknown_id = self.special_ids["<unk>"]
+        if unknown_id not in self.token_ids(text):
+            return []
+        words: list[str] = []
+        chunks = self._special_split.split(text)
+        for text_chunk in chunks[::2]:  # chunks alternate: text, special, text, ...
+            # sentencepiece splits at white space before choosing pieces, so a word alone gets the
+            # pieces it gets inside the prompt.
+            for word in text_chunk.split():
+                if word not in words and unknown_id in self.sp.encode(word):
+                    words.append(word)
+        return words
 
     def __call__(self, texts: Sequence[str], max_length: int = DEFAULT_MAX_LENGTH) -> tuple[torch.Tensor, torch.Tensor]:
         """(input_ids, attention_mask), both int64 of shape (len(texts), max_length)."""
@@ -582,7 +418,7 @@ def _folder_t5(folder: Path) -> _T5Build:
             f"'{folder}' is neither an EasyAnimate release folder (no text_encoder/) nor a text_encoder/ "
             "folder (no config.json). Point to the release folder or to a single-file T5 encoder."
         )
-    config_dict = json.loads(config_file.read_text(encoding="utf-8"))
+    config_dict = read_json_config(config_file, what="text encoder config")
     model_type = config_dict.get("model_type")
     if model_type != "t5":
         raise LayoutError(
@@ -596,7 +432,15 @@ def _folder_t5(folder: Path) -> _T5Build:
     # Encoder-decoder checkpoints also hold the decoder and the LM head; only the encoder is loaded.
     rename = {k: k for k in keys if k == "shared.weight" or k.startswith("encoder.")}
     _tie_embedding_names(rename)
-    return _T5Build(T5Config.from_dict(config_dict), files, rename, {}, _files_identity(files))
+    # The config's sizes against the weights before anything is built (a claimed 20000 layers is refused here).
+    config = T5Config.from_dict(config_dict)
+    embed = keys.get("shared.weight") or keys.get("encoder.embed_tokens.weight") or [None, None]
+    check_config_against_weights(f"The text encoder config '{config_file}'", [
+        ("num_layers", config.num_layers, count_indexed(keys, "encoder.block.")),
+        ("d_model", config.d_model, embed[1]),
+        ("vocab_size", config.vocab_size, embed[0]),
+    ], str(files[0] if len(files) == 1 else folder))
+    return _T5Build(config, files, rename, {}, _files_identity(files))
 
 
 def _tie_embedding_names(rename: dict[str, str]) -> None:
@@ -741,13 +585,24 @@ class TextEmbeddings(NamedTuple):
     """T5 conditioning for a batch: embeddings (B, L, D) in the encoder dtype, masks (B, L) int64.
 
     The negative fields are None when no negative prompt was asked for. For classifier-free guidance
-    the pipeline concatenates [negative, positive] on the batch axis (spec §4.3).
+    the pipeline concatenates [negative, positive] on the batch axis, as the reference does.
+    `unknown_words` / `negative_unknown_words`: the words of the (cleaned) prompts that the tokenizer's
+    vocabulary lacks, so the model cannot follow them (`describe_unknown_words` tells the user which).
     """
 
     embeds: torch.Tensor
     mask: torch.Tensor
     negative_embeds: torch.Tensor | None = None
     negative_mask: torch.Tensor | None = None
+    unknown_words: tuple[str, ...] = ()
+    negative_unknown_words: tuple[str, ...] = ()
+
+
+def describe_unknown_words(words: Sequence[str]) -> str:
+    """Which prompt words the model ignores, in words: `the model's vocabulary has no "xyz"; ...`."""
+    quoted = ", ".join(f'"{word}"' for word in words)
+    ignored = "that word is ignored" if len(words) == 1 else "those words are ignored"
+    return f"the model's vocabulary has no {quoted}; {ignored}"
 
 
 class T5TextEncoder:
@@ -786,6 +641,17 @@ class T5TextEncoder:
         self.model.to(device)
         return self
 
+    def activation_bytes(self, batch: int = 1) -> int:
+        """Estimated peak activation memory of encoding `batch` prompts: a layer's token activations
+        (hidden state, attention projections, the gated feed-forward's two inner halves) and its attention
+        scores with the position bias (T5's attention keeps the full matrix). The one estimate the hosts
+        load the encoder with."""
+        cfg = self.model.config
+        tokens, element = self.max_length, torch.finfo(self.dtype).bits // 8 if self.dtype.is_floating_point else 4
+        hidden = batch * tokens * (4 * cfg.d_model + 2 * cfg.d_ff) * element
+        scores = 2 * batch * cfg.num_heads * tokens * tokens * element
+        return int(hidden + scores)
+
     def clear_cache(self) -> None:
         self._cache.clear()
 
@@ -804,8 +670,9 @@ class T5TextEncoder:
         """
         prompts = _prompt_list(prompts, "prompt")
         embeds, mask = self.encode_prompts(prompts, clean_caption=clean_caption, max_length=max_length)
+        unknown = self._warn_unknown_words(prompts, clean_caption, "prompt")
         if negative_prompts is None:
-            return TextEmbeddings(embeds, mask)
+            return TextEmbeddings(embeds, mask, unknown_words=unknown)
         if isinstance(negative_prompts, str):
             negative_prompts = [negative_prompts] * len(prompts)
         negative_prompts = _prompt_list(negative_prompts, "negative prompt")
@@ -817,7 +684,26 @@ class T5TextEncoder:
         negative_embeds, negative_mask = self.encode_prompts(
             negative_prompts, clean_caption=clean_caption, max_length=max_length
         )
-        return TextEmbeddings(embeds, mask, negative_embeds, negative_mask)
+        negative_unknown = self._warn_unknown_words(negative_prompts, clean_caption, "negative prompt")
+        return TextEmbeddings(embeds, mask, negative_embeds, negative_mask, unknown, negative_unknown)
+
+    def unknown_words(self, prompts: str | Sequence[str], *, clean_caption: bool = True) -> tuple[str, ...]:
+        """The words of the prompts, cleaned as `encode` cleans them, that the tokenizer's vocabulary
+        lacks, each once, in order. Only the tokenizer runs, not the model."""
+        words: list[str] = []
+        for prompt in _prompt_list(prompts, "prompt"):
+            for word in self.tokenizer.unknown_words(preprocess_prompt(prompt, clean_caption)):
+                if word not in words:
+                    words.append(word)
+        return tuple(words)
+
+    def _warn_unknown_words(self, prompts: list[str], clean_caption: bool, what: str) -> tuple[str, ...]:
+        # A small vocabulary (the demo model's) turns whole words into <unk>; without this the prompt
+        # would just not be followed, with no hint why.
+        words = self.unknown_words(prompts, clean_caption=clean_caption)
+        if words:
+            logger.warning("In the %s, %s.", what, describe_unknown_words(words))
+        return words
 
     def encode_prompts(self, prompts: str | Sequence[str], *, clean_caption: bool = True,
                        max_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,7 +5,7 @@
     frames = vae.decode_video(latents)                          # scaled latents -> (B,3,F,H,W) in [0,1]
     frames = vae.decode_video(latents, reference_parity=True, generator=g)   # + the reference's smoothing
 
-How each family walks a video (spec §3.3–3.5; the arithmetic lives in `easyanimate.frames`):
+How each family walks a video (docs/numerics.md#vae; the arithmetic lives in `easyanimate.frames`):
 
 * V1: the SD image VAE on every frame.
 * V2: independent chunks, 9 frames <-> 3 latents, causal padding.
@@ -34,7 +34,10 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import assign_tensors, describe_keys, file_key_shapes, iter_file, meta_tensors, parse_dtype, weight_files
+from .checkpoint import (
+    assign_tensors, check_config_against_weights, count_indexed, describe_keys, file_key_shapes, iter_file,
+    meta_tensors, parse_dtype, read_json_config, weight_files,
+)
 from .errors import CheckpointMismatchError, EasyAnimateError, LayoutError, UnsupportedModelError
 from .frames import FAMILY_RULES, FrameRule, latent_size
 
@@ -59,7 +62,7 @@ def family_defaults(family: str) -> dict:
 
 
 def detect_family(config: dict | None, keys: Sequence[str] = ()) -> str | None:
-    """V1/V2/V3 from a VAE config (spec §1.6 step 5), else from weight names (V1 vs MagViT only).
+    """V1/V2/V3 from a VAE config (block types, `slice_compression_vae`), else from weight names (V1 vs MagViT only).
 
     Returns None when only the weights are known and they are MagViT: V2 and V3 share the network,
     only the driving differs, and nothing in the file says which.
@@ -245,8 +248,8 @@ class VideoVAE:
     """A loaded VAE of one family with the driving rules of that family.
 
     `encode`/`decode` work on unscaled latents, like the reference's `vae.encode/decode`;
-    `encode_latents`/`decode_video` are the pipeline-level operations of spec §3.6 (scaling factor,
-    clamping, output range, optional smoothing pass).
+    `encode_latents`/`decode_video` are the reference pipelines' encode and decode (scaling factor,
+    clamping, output range, optional smoothing pass; docs/numerics.md#pipeline-encode-and-decode).
     """
 
     def __init__(self, model: torch.nn.Module, family: str, config: dict, *, compute_dtype: torch.dtype | None = None):
@@ -278,9 +281,9 @@ class VideoVAE:
         )
 
     # ------------------------------------------------------------------ planning helpers
-    def _grid(self, tiling, memory_budget, size, frames, decode) -> _TileGrid | None:
+    def _grid(self, tiling, memory_budget, size, decode) -> _TileGrid | None:
         if tiling is None and memory_budget is not None:
-            tiling = self.tiling_for_budget(memory_budget, size, frames, decode)
+            tiling = self.tiling_for_budget(memory_budget, size, decode)
         elif tiling is None:
             tiling = self.tiling
         if not tiling:
@@ -290,21 +293,39 @@ class VideoVAE:
             return None
         return grid
 
-    def tiling_for_budget(self, budget_bytes: int, size: tuple[int, int], frames: int, decode: bool) -> Tiling | None:
-        """The largest tiles whose working memory (estimated) fits `budget_bytes`; None if the whole
-        frame fits. `size` is the input's (H, W) in latents (decode) or pixels (encode)."""
+    def activation_bytes(self, size: tuple[int, int], *, decode: bool, batch: int = 1,
+                         tiling: "Tiling | None | bool" = None) -> int:
+        """Estimated peak working memory of decoding (or encoding) one slice, beyond weights and output.
+
+        `size` is the input's (H, W): latents for a decode, pixels for an encode. Slices are processed one at
+        a time, so the estimate does not depend on the video's length; with tiling (given, or the VAE's
+        own) it is that of one tile. A multiple (measured, with margin) of a full-resolution activation at
+        the width that dominates (the channels entering the last decoder stage; the first encoder stage)
+        for every frame of a slice. The one estimate the hosts load the VAE with and a memory budget picks
+        its tiles with (`tiling_for_budget`).
+        """
+        grid = self._grid(tiling, None, size, decode)
+        if grid is not None:
+            size = (min(size[0], grid.tile), min(size[1], grid.tile))
+        return int(batch * size[0] * size[1] * self._bytes_per_input_pixel(decode))
+
+    def _bytes_per_input_pixel(self, decode: bool) -> float:
+        ch, rules = self.block_out_channels, self.rules
         itemsize = torch.finfo(self.compute_dtype).bits // 8
-        ch = self.block_out_channels
         if decode:
             widest = ch[1] if len(ch) > 1 else ch[0]  # channels entering the last stage at full size
-            pixels_per_unit, multiple = self.spatial_factor**2, DECODE_ACTIVATION_MULTIPLE
-        else:
-            widest, pixels_per_unit, multiple = ch[0], 1, ENCODE_ACTIVATION_MULTIPLE
-        per_pixel = multiple * widest * max(frames, 1) * itemsize
-        area_pixels = size[0] * size[1] * pixels_per_unit
-        if area_pixels * per_pixel <= budget_bytes:
+            frames = rules.chunk_frames(rules.latents_per_chunk, rules.decode_plan(rules.latents_per_chunk)[-1].mode)
+            return self.spatial_factor**2 * DECODE_ACTIVATION_MULTIPLE * widest * frames * itemsize
+        return ENCODE_ACTIVATION_MULTIPLE * ch[0] * rules.frames_per_chunk * itemsize
+
+    def tiling_for_budget(self, budget_bytes: int, size: tuple[int, int], decode: bool) -> Tiling | None:
+        """The largest tiles whose working memory (`activation_bytes`) fits `budget_bytes`; None if the
+        whole frame fits. `size` is the input's (H, W) in latents (decode) or pixels (encode)."""
+        per_pixel = self._bytes_per_input_pixel(decode)
+        if size[0] * size[1] * per_pixel <= budget_bytes:
             return None
-        edge = int(math.sqrt(budget_bytes / per_pixel)) // 32 * 32
+        pixels_per_unit = self.spatial_factor**2 if decode else 1
+        edge = int(math.sqrt(budget_bytes * pixels_per_unit / per_pixel)) // 32 * 32
         if edge < 64:
             log.warning("A memory budget of %.1f MiB is below a 64 px tile's needs; using 64 px tiles.", budget_bytes / 2**20)
             edge = 64
@@ -324,6 +345,20 @@ class VideoVAE:
             self.model.to(memory_format=wanted)
         return wanted
 
+    def _check_input(self, x, channels: int, what: str, action: str, layout: str) -> None:
+        """Refuse a wrongly shaped input with both shapes named, before it reaches a convolution."""
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else None
+        if shape is None or len(shape) != 5 or shape[1] != channels:
+            got = f"shape {shape}" if shape is not None else f"a {type(x).__name__}"
+            hint = (" (latents of another model: EasyAnimate V1-V3 VAEs use 4 channels, V5 16)"
+                    if what == "latents" and shape is not None and len(shape) == 5 else "")
+            if what == "latents" and shape is not None and len(shape) == 4:
+                hint = " (an image batch? video latents have a frame axis: add it with latents[:, :, None])"
+            raise EasyAnimateError(
+                f"This {self.family.upper()} VAE can {action} {what} {layout} with C = {channels} channels; got "
+                f"{got}{hint}."
+            )
+
     # ------------------------------------------------------------------ encode
     @torch.no_grad()
     def encode(self, video: torch.Tensor, *, tiling: Tiling | None | bool = None, memory_budget: int | None = None,
@@ -335,12 +370,13 @@ class VideoVAE:
         """
         from .models.vae_magvit import DiagonalGaussian
 
+        self._check_input(video, int(self.config.get("in_channels", 3)), "pixels", "encode", "(B, 3, F, H, W) in [-1, 1]")
         b, _, frames, height, width = video.shape
         lat_h, lat_w = latent_size(height, width)
         plan = self.rules.encode_plan(frames)
         shape = (b, 2 * self.latent_channels, plan[-1].out_stop, lat_h, lat_w)
         moments = torch.empty(shape, dtype=self.compute_dtype, device=video.device)
-        grid = self._grid(tiling, memory_budget, (height, width), self.rules.frames_per_chunk, decode=False)
+        grid = self._grid(tiling, memory_budget, (height, width), decode=False)
         for done, chunk in enumerate(plan, start=1):
 
             def encode_tile(x, mode=chunk.mode):
@@ -378,7 +414,7 @@ class VideoVAE:
     def encode_latents(
         self, video, *, generator=None, noise=None, sample: bool = True, tiling=None, memory_budget=None, progress=None
     ) -> torch.Tensor:
-        """Pipeline encode (spec §3.6): pixels in [-1, 1] -> posterior sample x scaling factor.
+        """Pipeline encode, as the reference does it: pixels in [-1, 1] -> posterior sample x scaling factor.
         `sample=False` uses the posterior mean instead (deterministic, no generator needed)."""
         posterior = self.encode(video, tiling=tiling, memory_budget=memory_budget, progress=progress)
         latents = self._sample(posterior, video.shape[2], generator, noise) if sample else posterior.mode()
@@ -422,6 +458,7 @@ class VideoVAE:
         The output is allocated once (or given as `out`); each slice is decoded, written into it
         and freed before the next, so memory beyond the output does not grow with the video length.
         """
+        self._check_input(latents, self.latent_channels, "latents", "decode", "(B, C, F, h, w)")
         b, _, length, lat_h, lat_w = latents.shape
         plan = self.rules.decode_plan(length)
         factor = self.spatial_factor
@@ -430,8 +467,7 @@ class VideoVAE:
             out = torch.empty(shape, dtype=out_dtype, device=out_device or latents.device)
         elif tuple(out.shape) != shape:
             raise EasyAnimateError(f"Output buffer has shape {tuple(out.shape)}; decoding these latents gives {shape}.")
-        frames_per_slice = self.rules.chunk_frames(self.rules.latents_per_chunk, plan[-1].mode)
-        grid = self._grid(tiling, memory_budget, (lat_h, lat_w), frames_per_slice, decode=True)
+        grid = self._grid(tiling, memory_budget, (lat_h, lat_w), decode=True)
         write = _clamped(write) if clamp else write
         for done, chunk in enumerate(plan, start=1):
             before, after = chunk.start - chunk.context_start, chunk.context_stop - chunk.stop
@@ -459,7 +495,7 @@ class VideoVAE:
         out_device=None,
         progress: Callable[[int, int], None] | None = None,
     ) -> torch.Tensor:
-        """Pipeline decode (spec §3.6): scaled latents -> video (B, 3, F, H, W) in [0, 1], float32.
+        """Pipeline decode, as the reference does it: scaled latents -> video (B, 3, F, H, W) in [0, 1], float32.
 
         `smooth` (default: on only with `reference_parity`) runs the reference's seam-smoothing round
         trip: frames [a : -b] (a = chunk // 2) are re-encoded, sampled, decoded and averaged with the
@@ -468,6 +504,7 @@ class VideoVAE:
         """
         if smooth is None:
             smooth = reference_parity
+        self._check_input(latents, self.latent_channels, "latents", "decode", "(B, C, F, h, w)")
         if smooth and generator is None and noise is None:
             raise EasyAnimateError(
                 "The smoothing pass samples the VAE posterior: pass generator=torch.Generator().manual_seed(seed) "
@@ -499,12 +536,45 @@ class VideoVAE:
 
 
 # ---------------------------------------------------------------------------------------- loading
+def _check_config_fits_weights(family: str, config: dict, shapes: dict, folder, config_arg, files) -> None:
+    """The VAE config's sizes (block widths, layers per block, latent and input channels) against the
+    weights' shapes, before the model is built."""
+    inner = "resnets" if family == "v1" else "convs"
+    blocks = count_indexed(shapes, "encoder.down_blocks.")
+    held_widths = [shapes.get(f"encoder.down_blocks.{i}.{inner}.0.conv1.weight", [None])[0] for i in range(blocks)]
+    if family == "v1":
+        claimed_widths = config.get("block_out_channels")
+        width_key = "block_out_channels"
+    else:
+        ch, mult = config.get("ch"), config.get("ch_mult")
+        ok = isinstance(ch, int) and isinstance(mult, list) and all(isinstance(m, int) for m in mult)
+        claimed_widths = [ch * m for m in mult] if ok else f"ch {ch!r} x ch_mult {mult!r}"
+        width_key = "ch x ch_mult (block widths)"
+    claimed_widths = list(claimed_widths) if isinstance(claimed_widths, (list, tuple)) else claimed_widths
+    checks = [
+        (width_key, claimed_widths, held_widths if blocks and None not in held_widths else None),
+        ("layers_per_block", config.get("layers_per_block"),
+         count_indexed(shapes, f"encoder.down_blocks.0.{inner}.") or None),
+        ("latent_channels", config.get("latent_channels"), shapes.get("post_quant_conv.weight", [None])[0]),
+        ("in_channels", config.get("in_channels", 3), (shapes.get("encoder.conv_in.weight") or [None, None])[1]),
+    ]
+    parts = []
+    if folder is not None:
+        parts.append(f"'{folder / 'config.json'}'")
+    if config_arg is not None:
+        parts.append(f"'{config_arg}'" if isinstance(config_arg, (str, Path)) else "the config= settings")
+    name = "The VAE config " + " with ".join(parts) if parts else f"The {family.upper()} VAE defaults"
+    where = files[0] if len(files) == 1 else files[0].parent
+    check_config_against_weights(name, checks, str(where))
+
+
 def _find_folder(path: Path) -> tuple[Path | None, list[Path]]:
     """(folder holding config.json or None, weight files) for a release folder, a `vae/` folder or a file."""
     if path.is_file():
         return None, [path]
     if not path.is_dir():
-        raise LayoutError(f"'{path}' does not exist. Pass an EasyAnimate release folder, its `vae/` folder, or a VAE weights file.")
+        what = "is not a regular file or folder" if path.exists() else "does not exist"
+        raise LayoutError(f"'{path}' {what}. Pass an EasyAnimate release folder, its `vae/` folder, or a VAE weights file.")
     folder = path / "vae" if (path / "vae").is_dir() else path
     return (folder if (folder / "config.json").is_file() else None), weight_files(folder)
 
@@ -590,9 +660,10 @@ def load_vae(
     """
     path = Path(path)
     folder, files = _find_folder(path)
-    file_config = json.loads((folder / "config.json").read_text()) if folder else None
+    file_config = read_json_config(folder / "config.json", what="VAE config") if folder else None
+    config_arg = config
     if isinstance(config, (str, Path)):
-        config = json.loads(Path(config).read_text())
+        config = read_json_config(config, what="VAE config")
     shapes: dict[str, list[int]] = {}
     for f in files:
         shapes.update(file_key_shapes(f))
@@ -627,6 +698,7 @@ def load_vae(
         driving = ("slice_compression_vae", "mini_batch_encoder", "mini_batch_decoder")
         overrides = {**{k: family_defaults(family)[k] for k in driving}, **overrides}
     resolved = resolve_config(family, file_config, overrides, inferred)
+    _check_config_fits_weights(family, resolved, shapes, folder, config_arg, files)
     vae = build_vae(family, resolved, dtype=dtype, device=device, operations=operations, meta=True)
     requested = parse_dtype(dtype)
 

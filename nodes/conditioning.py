@@ -1,12 +1,10 @@
 """Prompt encoding: the release's T5, or ComfyUI's native CLIP object loaded from a single T5-XXL file."""
 from __future__ import annotations
 
-from contextlib import ExitStack
-
 from . import host
 from .handles import T5, TEXT_EMBEDS
 
-# The negative prompt of the V2/V3 reference scripts and ComfyUI workflows (spec §4.3).
+# The negative prompt of the V2/V3 reference scripts and ComfyUI workflows.
 DEFAULT_NEGATIVE = (
     "The video is not of a high quality, it has a low resolution, and the audio quality is not clear. Strange motion "
     "trajectory, a poor composition and deformed video, low resolution, duplicate and ugly, strange body structure, "
@@ -62,24 +60,27 @@ class EasyAnimateT5Encode:
         if t5 is None and clip is None:
             raise ValueError("Connect either the t5 output of Load EasyAnimate or a native CLIP with a T5-XXL encoder.")
         if t5 is not None:
-            encoder, component = t5.source.load(), t5.source.component
-            with ExitStack() as stack:
-                stack.enter_context(component.placed(plan=host.standalone_memory_plan()))
-                signature = tuple((str(p), s) for p, s in t5.loras)
-                if signature != t5.source.last_lora_signature:
-                    encoder.clear_cache()  # cached embeddings were made with other LoRA weights
-                    t5.source.last_lora_signature = signature
-                if t5.loras:
-                    from ..easyanimate.lora import lora_patches, read_lora, resolve_lora
-
-                    stack.enter_context(lora_patches(encoder.model, [
-                        (resolve_lora(read_lora(path), None, encoder.model), strength) for path, strength in t5.loras
-                    ]))
-                host.check_interrupt()
-                text = encoder.encode([prompt], [negative_prompt], clean_caption=clean_caption)
+            text = _encode_with_t5(t5, prompt, negative_prompt, clean_caption)
         else:
             text = _encode_with_native_clip(clip, prompt, negative_prompt, clean_caption)
         return (TextEmbeds((Conditioning(text.embeds, text.mask), Conditioning(text.negative_embeds, text.negative_mask))),)
+
+
+def _encode_with_t5(t5, prompt, negative_prompt, clean_caption):
+    """The release's T5 (loaded on first use), with the T5 LoRAs of the handle as host patches."""
+    from ..easyanimate.lora import read_lora, resolve_lora
+
+    runtime = host.current_host()
+    encoder, component = t5.source.get()
+    for path, strength in t5.loras:
+        component = runtime.with_lora(component, resolve_lora(read_lora(path), None, encoder.model), strength)
+    signature = tuple((str(p), s) for p, s in t5.loras)
+    if signature != getattr(encoder, "lora_signature", ()):
+        encoder.clear_cache()  # cached embeddings were made with other LoRA weights
+        encoder.lora_signature = signature
+    runtime.check_interrupt()
+    with runtime.placed([component], encoder.activation_bytes(1)):
+        return encoder.encode([prompt], [negative_prompt], clean_caption=clean_caption)
 
 
 def _encode_with_native_clip(clip, prompt, negative_prompt, clean_caption):
@@ -92,8 +93,7 @@ def _encode_with_native_clip(clip, prompt, negative_prompt, clean_caption):
     """
     import torch
 
-    import comfy.model_management
-
+    from ..easyanimate.host import Component
     from ..easyanimate.text import DEFAULT_MAX_LENGTH, TextEmbeddings, preprocess_prompt
 
     t5 = getattr(getattr(clip, "cond_stage_model", None), "t5xxl", None)
@@ -106,10 +106,9 @@ def _encode_with_native_clip(clip, prompt, negative_prompt, clean_caption):
     texts = [preprocess_prompt(text, clean_caption) for text in (prompt, negative_prompt)]
     tokens = tokenizer(texts, padding="max_length", max_length=DEFAULT_MAX_LENGTH, truncation=True,
                        add_special_tokens=True, return_tensors="pt")
-    comfy.model_management.load_models_gpu([clip.patcher])
     device = clip.patcher.load_device
     mask = tokens["attention_mask"].to(torch.long)
-    with torch.no_grad():
+    with host.current_host().placed([Component(t5.transformer, "text_encoder", patcher=clip.patcher)]), torch.no_grad():
         hidden, _ = t5.transformer(tokens["input_ids"].to(device), attention_mask=mask.to(device))
     hidden = hidden.float().cpu()
     return TextEmbeddings(hidden[:1], mask[:1], hidden[1:], mask[1:])

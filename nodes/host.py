@@ -1,157 +1,226 @@
-"""Where the nodes meet their host: ComfyUI's model management when it is there, a small device manager
-when it is not.
+"""The nodes' host, chosen once: ComfyUI's model management inside ComfyUI, the standalone host outside it.
 
-Inside ComfyUI every model component (transformer, VAE, text encoder) is wrapped in a `ModelPatcher` that
-lives on the offload device; `place()` calls `load_models_gpu` right before compute with a memory estimate,
-so ComfyUI can stream weights of layers built from `comfy.ops`, evict other models, and apply LoRA patches
-without touching the base weights. Outside ComfyUI (tests, scripts) the same node code runs on one device
-(CUDA when available, else CPU), with LoRAs applied by the core's `lora_patches` for the duration of a call.
+Both implement the interface of `easyanimate.host` (devices, operations, components and their LoRAs,
+placement with a memory estimate, progress and cancel, model folders, precision); the nodes only talk to
+`current_host()`.
 
-Outside ComfyUI only, the core's memory modes can be switched on for the nodes through the environment:
-`EASYANIMATE_MEMORY_MODE` = none | offload | block-swap[:N] | fp8 and `EASYANIMATE_MEMORY_BUDGET_MB`
-(see `easyanimate.memory`). Inside ComfyUI they are ignored: ComfyUI's own management decides.
+* Inside ComfyUI (ComfyUI imports its `comfy` package and `folder_paths` before it loads custom nodes)
+  the nodes run on `ComfyHost`: every model is a `ModelPatcher` built from `comfy.ops` layers on its
+  offload device; `placed` calls `load_models_gpu` with the stage's memory estimate right before compute,
+  so ComfyUI can evict other models, load ours partially and stream the rest layer by layer; LoRAs are
+  patches on a clone of the patcher. If one of ComfyUI's modules fails to import there, that is an error
+  naming it: falling back to the standalone host would put models on the GPU outside ComfyUI's accounting.
+* Outside ComfyUI (tests, scripts) the nodes run on `StandaloneHost` with the memory modes of
+  `EASYANIMATE_MEMORY_MODE` / `EASYANIMATE_MEMORY_BUDGET_MB` and models under `$EASYANIMATE_MODELS_DIR`.
 
-This is the only module of the pack that imports `comfy`/`folder_paths`, and only inside functions.
+This is the only module of the pack that imports `comfy` or `folder_paths`, and only in `ComfyHost`.
 """
 from __future__ import annotations
 
+import importlib
 import os
-from contextlib import ExitStack, contextmanager
+import sys
+from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from ..easyanimate.errors import EasyAnimateError
+from ..easyanimate.host import (
+    MODELS_DIR_ENV, WEIGHT_SUFFIXES, Component, HostError, MemoryLimits, Placement, StandaloneHost,
+    resolve_in_roots, safe_relative_name,
+)
+
 MODEL_FOLDER = "easyanimate"  # models/easyanimate: release folders and single files
-# Standalone: a models folder laid out like ComfyUI's (easyanimate/, loras/, text_encoders/).
-MODELS_DIR_ENV = "EASYANIMATE_MODELS_DIR"
-# Standalone only: the core's memory modes for the nodes (ignored inside ComfyUI).
-MEMORY_MODE_ENV = "EASYANIMATE_MEMORY_MODE"
-MEMORY_BUDGET_ENV = "EASYANIMATE_MEMORY_BUDGET_MB"
+PACK_ROOT = Path(__file__).resolve().parent.parent
+
+_COMFY_MODULES = ("comfy.model_management", "comfy.model_patcher", "comfy.ops", "comfy.utils", "comfy.lora",
+                  "folder_paths")
 
 
-def comfy_modules():
-    """ComfyUI's modules when the pack runs inside ComfyUI, else None."""
-    try:
-        import comfy.model_management as model_management
-        import comfy.model_patcher as model_patcher
-        import comfy.ops as ops
-        import comfy.utils as utils
-        import folder_paths
-    except Exception:  # not inside ComfyUI (or a broken install): run standalone
-        return None
-    return model_management, model_patcher, ops, utils, folder_paths
+def inside_comfyui() -> bool:
+    """Whether the pack was loaded by ComfyUI (which imports these before any custom node)."""
+    return "comfy" in sys.modules or "folder_paths" in sys.modules
 
 
-def in_comfyui() -> bool:
-    return comfy_modules() is not None
+_HOST = None
 
 
-# ------------------------------------------------------------------------------------------ devices
-def compute_device() -> torch.device:
-    comfy = comfy_modules()
-    if comfy:
-        return comfy[0].get_torch_device()
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def current_host():
+    """The host of this process, chosen at the first call (`select_host`) and kept."""
+    global _HOST
+    if _HOST is None:
+        _HOST = select_host()
+    return _HOST
 
 
-def intermediate_device() -> torch.device:
-    comfy = comfy_modules()
-    return comfy[0].intermediate_device() if comfy else torch.device("cpu")
+def select_host():
+    """ComfyHost inside ComfyUI (an error if ComfyUI's modules cannot be imported), else StandaloneHost."""
+    if inside_comfyui():
+        return ComfyHost()
+    return StandaloneHost(StandaloneHost.FROM_ENVIRONMENT)
 
 
-def operations():
-    """Layer classes for building models: ComfyUI's casting layers (streamable, no random init) or torch.nn."""
-    comfy = comfy_modules()
-    return comfy[2].manual_cast if comfy else torch.nn
+# ------------------------------------------------------------------------------------------ ComfyUI
+class ComfyHost:
+    """The host interface on ComfyUI's model management, folder paths, progress bar and interrupt."""
 
+    name = "comfyui"
 
-def standalone_memory_plan():
-    """The core `MemoryPlan` the nodes use outside ComfyUI, from the environment; None inside ComfyUI or when
-    neither variable is set."""
-    mode = os.environ.get(MEMORY_MODE_ENV, "").strip()
-    budget = os.environ.get(MEMORY_BUDGET_ENV, "").strip()
-    if (not mode and not budget) or in_comfyui():
-        return None
-    from ..easyanimate.memory import MemoryOptions, MemoryPlan
+    def __init__(self):
+        loaded = {}
+        for name in _COMFY_MODULES:
+            try:
+                loaded[name] = importlib.import_module(name)
+            except Exception as err:
+                raise HostError(
+                    f"EasyAnimate runs inside ComfyUI, but ComfyUI's module '{name}' failed to import "
+                    f"({type(err).__name__}: {err}). The pack does not fall back to its own device handling inside "
+                    "ComfyUI, which would place models outside ComfyUI's memory management. Repair the ComfyUI "
+                    "installation (update it and reinstall its requirements), then restart ComfyUI."
+                ) from err
+        self.mm = loaded["comfy.model_management"]
+        self._patcher_module = loaded["comfy.model_patcher"]
+        self._ops = loaded["comfy.ops"]
+        self._utils = loaded["comfy.utils"]
+        self._lora = loaded["comfy.lora"]
+        self._folders = loaded["folder_paths"]
+        self._registered: set[str] = set()
 
-    name, _, blocks = mode.partition(":")
-    options = MemoryOptions(name or "none", int(blocks) if blocks else 4, float(budget) if budget else None)
-    return MemoryPlan(options, compute=compute_device(), storage="cpu")
+    # ------------------------------------------------------------------ devices
+    @property
+    def compute_device(self) -> torch.device:
+        return self.mm.get_torch_device()
 
+    @property
+    def intermediate_device(self) -> torch.device:
+        return self.mm.intermediate_device()
 
-def check_interrupt() -> None:
-    """Raise ComfyUI's interrupt exception if the user pressed Cancel (no-op standalone)."""
-    comfy = comfy_modules()
-    if comfy:
-        comfy[0].throw_exception_if_processing_interrupted()
+    budget_bytes = None  # ComfyUI's management decides what fits
 
+    def memory_limits(self) -> MemoryLimits:
+        """The compute device's total memory (ComfyUI frees and streams the rest) and the RAM available."""
+        device = self.compute_device
+        ram = self.mm.get_free_memory(torch.device("cpu"))
+        if device.type == "cpu":
+            return MemoryLimits(device, ram, ram)
+        return MemoryLimits(device, self.mm.get_total_memory(device), ram)
 
-# ------------------------------------------------------------------------------------------ models
-class Component:
-    """One model component placed for compute by the host.
+    def operations(self):
+        """ComfyUI's casting layers: they stream weights that do not fit and skip random initialisation."""
+        return self._ops.manual_cast
 
-    `module` is the torch module; in ComfyUI `patcher` is its ModelPatcher. `loras` are the standalone
-    LoRA stack [(ResolvedLoRA, strength)] applied while placed (in ComfyUI they are patcher patches).
-    Components are immutable from the outside: `with_lora` returns a new one sharing the module.
-    """
+    def precision(self, choice: str) -> str:
+        if choice != "auto":
+            return choice
+        dtype = self.mm.unet_dtype(self.compute_device, supported_dtypes=[torch.bfloat16, torch.float16, torch.float32])
+        return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
 
-    def __init__(self, module: torch.nn.Module, kind: str, patcher=None, loras: tuple = ()):
-        self.module, self.kind, self.patcher, self.loras = module, kind, patcher, tuple(loras)
-
-    @classmethod
-    def wrap(cls, module: torch.nn.Module, kind: str) -> "Component":
-        comfy = comfy_modules()
-        if not comfy:
-            return cls(module, kind)
-        mm, model_patcher = comfy[0], comfy[1]
-        patched = module if _device_is_settable(module) else _Holder(module)
+    # ------------------------------------------------------------------ components
+    def wrap(self, module: torch.nn.Module, kind: str) -> Component:
+        mm = self.mm
         load, offload = {
             "transformer": (mm.get_torch_device(), mm.unet_offload_device()),
             "vae": (mm.vae_device(), mm.vae_offload_device()),
             "text_encoder": (mm.text_encoder_device(), mm.text_encoder_offload_device()),
+            "image_encoder": (mm.text_encoder_device(), mm.text_encoder_offload_device()),
             "multi": (mm.get_torch_device(), mm.unet_offload_device()),
         }[kind]
-        return cls(module, kind, model_patcher.ModelPatcher(patched, load_device=load, offload_device=offload))
+        held = module if _device_is_settable(module) else _Holder(module)
+        patcher = self._patcher_module.ModelPatcher(held, load_device=load, offload_device=offload)
+        return Component(module, kind, patcher=patcher, key_prefix="" if held is module else "model.")
 
-    def with_lora(self, resolved, strength: float, part: str) -> "Component":
-        if strength == 0:
-            return self
-        if self.patcher is None:
-            return Component(self.module, self.kind, None, self.loras + ((resolved, strength),))
-        import comfy.lora
+    def prepare(self, component: Component) -> Component:
+        return component
 
-        patcher = self.patcher.clone()
-        patches = comfy.lora.load_lora(resolved.comfy_state_dict(part), resolved.comfy_key_map(part), log_missing=False)
+    def with_lora(self, component: Component, lora, strength: float) -> Component:
+        """A clone of the component's patcher with the LoRA's patches: ComfyUI applies them while the model
+        is loaded and removes them after, so the loaded weights never change."""
+        from ..easyanimate.lora import TEXT_ENCODER, TRANSFORMER, check_lora_strength
+
+        check_lora_strength(strength)
+        if strength == 0 or lora.patch_for(component.module) is None:
+            return component
+        part = TEXT_ENCODER if component.kind == "text_encoder" else TRANSFORMER
+        patches = self._lora.load_lora(lora.comfy_state_dict(part), lora.comfy_key_map(part, component.key_prefix),
+                                       log_missing=False)
+        patcher = component.patcher.clone()
         patcher.add_patches(patches, strength)
-        return Component(self.module, self.kind, patcher)
+        return replace(component, patcher=patcher)
+
+    def placement(self, **components) -> Placement:
+        for kind, value in components.items():
+            if value is not None and not isinstance(value, Component):
+                raise TypeError(f"ComfyUI's host places Components (host.wrap), not a bare {type(value).__name__} ({kind}).")
+        return Placement(self, {k: v for k, v in components.items() if v is not None})
 
     @contextmanager
-    def placed(self, memory_required: int = 0, others: tuple["Component", ...] = (), plan=None, load: bool = True):
-        """The module (with this component's LoRAs) on the compute device for the duration of the block.
+    def placed(self, components, memory_required: int = 0):
+        components = list(components)
+        # A VAE is loaded whole: its slices run many convolutions over small inputs, where streaming
+        # weights layer by layer would cost more than it saves.
+        self.mm.load_models_gpu([c.patcher for c in components], memory_required=int(memory_required),
+                                force_full_load=any(c.kind == "vae" for c in components))
+        yield
 
-        Standalone, a streaming `plan` (`standalone_memory_plan()`) puts the modules back in CPU RAM after
-        the block, and `load=False` leaves their placement to the plan altogether (block swap)."""
-        comfy = comfy_modules()
-        components = (self,) + tuple(others)
-        if comfy:
-            comfy[0].load_models_gpu([c.patcher for c in components], memory_required=memory_required,
-                                     force_full_load=self.kind == "vae")
-            yield self.module
+    # ------------------------------------------------------------------ progress
+    def progress(self, total: int) -> "ComfyProgress":
+        return ComfyProgress(self._utils.ProgressBar(total), self, total)
+
+    def check_interrupt(self) -> None:
+        """Raise ComfyUI's interrupt exception if the user pressed Cancel."""
+        self.mm.throw_exception_if_processing_interrupted()
+
+    def latent_previewer(self, factors):
+        """ComfyUI's latent->RGB previewer with the factors ((C, 3), (3,)) that `factors()` returns, when
+        the user has previews on (None otherwise, without calling `factors`)."""
+        try:
+            import latent_preview
+            from comfy.cli_args import LatentPreviewMethod, args
+        except Exception:
+            return None
+        if args.preview_method == LatentPreviewMethod.NoPreviews:
+            return None
+        weights, bias = factors()
+        return latent_preview.Latent2RGBPreviewer(weights.tolist(), bias.tolist())
+
+    # ------------------------------------------------------------------ model folders
+    def _register(self, kind: str) -> None:
+        """Make `models/<kind>` a model folder (merging into any user configuration)."""
+        if kind in self._registered:
             return
-        from ..easyanimate.lora import lora_patches
+        folders = self._folders
+        folders.add_model_folder_path(kind, os.path.join(folders.models_dir, kind))
+        folders.folder_names_and_paths[kind][1].update(folders.supported_pt_extensions)
+        self._registered.add(kind)
 
-        device = compute_device()
-        streaming = plan is not None and plan.options.streams_weights
-        with ExitStack() as stack:
-            for component in components:
-                if not streaming:
-                    component.module.to(device)
-                elif load:  # whole-model offload: on the device for this block only
-                    stack.enter_context(plan.manager.placed(component.module))
-                if component.loras:
-                    # On the fly: no copy of the adapted weights is made (ComfyUI patches in place instead).
-                    stack.enter_context(lora_patches(component.module, component.loras, mode="hooks"))
-            yield self.module
+    def model_roots(self, kind: str) -> list[Path]:
+        self._register(kind)
+        return [Path(p) for p in self._folders.get_folder_paths(kind)]
+
+    def list_files(self, kind: str) -> list[str]:
+        self._register(kind)
+        return sorted(self._folders.get_filename_list(kind))
+
+    def resolve_file(self, kind: str, name: str) -> Path:
+        safe_relative_name(name, f"The {kind} name")
+        self._register(kind)
+        return Path(self._folders.get_full_path_or_raise(kind, name))
+
+    def resolve_folder(self, kind: str, name: str) -> Path:
+        return resolve_in_roots(self.model_roots(kind), kind, name, want="folder")
+
+
+class ComfyProgress:
+    """ComfyUI's progress bar (with a preview image), checking for Cancel at every update."""
+
+    def __init__(self, bar, host: ComfyHost, total: int):
+        self.bar, self.host, self.total = bar, host, total
+
+    def update(self, done: int, total: int | None = None, preview=None) -> None:
+        self.host.check_interrupt()
+        self.bar.update_absolute(done, total or self.total, preview)
 
 
 def _device_is_settable(module: torch.nn.Module) -> bool:
@@ -167,148 +236,73 @@ class _Holder(torch.nn.Module):
         self.model = model
 
 
-def transformer_memory_estimate(transformer, latent_shape, cfg: bool) -> int:
-    """Bytes of activations one denoising step needs, for `load_models_gpu` to make room.
-
-    Dominated by the per-block token activations (feed-forward 4x width) and, for V3's global attention,
-    the attention of all tokens of a clip (memory-efficient kernels keep it linear in tokens).
-    """
-    b, _, f, h, w = latent_shape
-    p = transformer.config.patch_size
-    tokens = (2 if cfg else 1) * b * f * (h // p) * (w // p)
-    width = transformer.config.hidden_size
-    element = torch.finfo(transformer.dtype).bits // 8
-    return int(tokens * width * element * 12)
+# ------------------------------------------------------------------------------------------ model folders
+def demo_folders(subfolder: str, marker: str) -> dict[str, Path]:
+    """The demo models shipped inside the pack under `easyanimate/<subfolder>` (folders holding `marker`)."""
+    folder = PACK_ROOT / "easyanimate" / subfolder
+    if not folder.is_dir():
+        return {}
+    return {p.name: p for p in sorted(folder.iterdir()) if (p / marker).is_file()}
 
 
-def vae_memory_estimate(latent_shape, element_size: int = 4) -> int:
-    """Bytes a slice decode needs: a few full-resolution activations of the widest stage of one slice."""
-    b, _, _, h, w = latent_shape
-    return int(b * 8 * (h * 8) * (w * 8) * 128 * element_size * 6)
+def list_model_folders(kind: str, demos: dict[str, Path], markers: tuple[str, ...]) -> list[str]:
+    """The shipped demo models first, then the folders under the model roots of `kind` that hold one of
+    `markers` (e.g. "transformer/config.json")."""
+    names = set()
+    for root in current_host().model_roots(kind):
+        if root.is_dir():
+            names |= {p.name for p in root.iterdir() if p.is_dir() and any((p / m).is_file() for m in markers)}
+    return list(demos) + sorted(names - set(demos))
 
 
-# ------------------------------------------------------------------------------------------ progress
-class Progress:
-    """A progress bar in ComfyUI (which also checks for interrupts), nothing standalone."""
-
-    def __init__(self, total: int):
-        comfy = comfy_modules()
-        self.bar = comfy[3].ProgressBar(total) if comfy else None
-        self.total = total
-
-    def update(self, done: int, total: int | None = None, preview=None) -> None:
-        check_interrupt()
-        if self.bar is not None:
-            self.bar.update_absolute(done, total or self.total, preview)
-
-
-def latent_previewer(vae_handle):
-    """ComfyUI's latent->RGB previewer with factors fitted to this VAE, when the user has previews on."""
-    comfy = comfy_modules()
-    if not comfy:
-        return None
+def resolve_model_folder(kind: str, name: str, demos: dict[str, Path]) -> Path:
+    """A demo model by name, or a folder inside the model roots of `kind` (never outside them)."""
+    if name in demos:
+        return demos[name]
+    host = current_host()
     try:
-        import latent_preview
-        from comfy.cli_args import LatentPreviewMethod, args
-    except Exception:
-        return None
-    if args.preview_method == LatentPreviewMethod.NoPreviews:
-        return None
-    cache = vae_handle.preview_cache
-    if "factors" not in cache:
-        with vae_handle.component.placed():
-            cache["factors"] = vae_handle.vae.latent_rgb_factors()
-    factors, bias = cache["factors"]
-    return latent_preview.Latent2RGBPreviewer(factors.tolist(), bias.tolist())
+        return host.resolve_folder(kind, name)
+    except FileNotFoundError:
+        where = ", ".join(str(r) for r in host.model_roots(kind)) or f"(none: set {MODELS_DIR_ENV})"
+        raise FileNotFoundError(f"Model '{name}' not found. Put the model folder in models/{kind} (searched: {where}).") from None
 
 
-# ------------------------------------------------------------------------------------------ files
-def register_model_folders(kind: str = MODEL_FOLDER) -> None:
-    """Make `models/<kind>` a model folder (merging into any user configuration)."""
-    comfy = comfy_modules()
-    if not comfy:
-        return
-    folder_paths = comfy[4]
-    folder_paths.add_model_folder_path(kind, os.path.join(folder_paths.models_dir, kind))
-    extensions = folder_paths.folder_names_and_paths[kind][1]
-    extensions.update(folder_paths.supported_pt_extensions)
-
-
-def _standalone_folders(kind: str) -> list[Path]:
-    env = os.environ.get(MODELS_DIR_ENV)
-    return [Path(p) / kind for p in env.split(os.pathsep)] if env else []
-
-
-def model_roots(kind: str = MODEL_FOLDER) -> list[Path]:
-    """The folders that hold models of `kind`: ComfyUI's models/<kind> paths, or standalone
-    `$EASYANIMATE_MODELS_DIR/<kind>`."""
-    comfy = comfy_modules()
-    if comfy:
-        register_model_folders(kind)
-        return [Path(p) for p in comfy[4].get_folder_paths(kind)]
-    return _standalone_folders(kind)
+def demo_models() -> dict[str, Path]:
+    """The EasyAnimate demo model folder(s) shipped inside the pack (their names contain "demo")."""
+    return demo_folders("demo", "transformer/config.json")
 
 
 def list_models() -> list[str]:
-    """The shipped demo model(s) first, then release folders (with transformer/) and transformer folders
-    (with config.json) under the model roots."""
-    names = set()
-    for root in model_roots():
-        if not root.is_dir():
-            continue
-        for entry in root.iterdir():
-            if entry.is_dir() and ((entry / "transformer" / "config.json").is_file() or (entry / "config.json").is_file()):
-                names.add(entry.name)
-    return list(demo_models()) + sorted(names - set(demo_models()))
+    """EasyAnimate release folders (with transformer/) and transformer folders (with config.json)."""
+    return list_model_folders(MODEL_FOLDER, demo_models(), ("transformer/config.json", "config.json"))
+
+
+def resolve_model(name: str) -> Path:
+    return resolve_model_folder(MODEL_FOLDER, name, demo_models())
 
 
 def list_files(kind: str) -> list[str]:
-    """Files of a ComfyUI model folder kind ("loras", "easyanimate", "text_encoders").
-
-    For models/easyanimate, the files inside release folders (their transformer/, vae/, ...) are left out:
-    the single files there are motion modules and personalized checkpoints.
-    """
-    comfy = comfy_modules()
-    if comfy:
-        if kind == MODEL_FOLDER:
-            register_model_folders()
-        names = list(comfy[4].get_filename_list(kind))
-    else:
-        names = []
-        for folder in _standalone_folders(kind):
-            if folder.is_dir():
-                names += [str(p.relative_to(folder)).replace(os.sep, "/") for p in folder.rglob("*")
-                          if p.suffix in (".safetensors", ".sft", ".pt", ".pth", ".bin", ".ckpt")]
+    """Weight files of a model folder kind ("loras", "easyanimate", "text_encoders"). For models/easyanimate
+    the files inside release folders (their transformer/, vae/, ...) are left out: the single files there
+    are motion modules and personalized checkpoints."""
+    names = [n for n in current_host().list_files(kind) if n.lower().endswith(WEIGHT_SUFFIXES)]
     if kind == MODEL_FOLDER:
         releases = set(list_models())
         names = [n for n in names if n.split("/")[0] not in releases]
     return sorted(set(names))
 
 
-def demo_models() -> dict[str, Path]:
-    """The demo model folder(s) shipped inside the pack (their names contain "demo")."""
-    folder = Path(__file__).resolve().parent.parent / "easyanimate" / "demo"
-    if not folder.is_dir():
-        return {}
-    return {p.name: p for p in sorted(folder.iterdir()) if (p / "transformer" / "config.json").is_file()}
-
-
-def resolve_model(name: str) -> Path:
-    demos = demo_models()
-    if name in demos:
-        return demos[name]
-    for root in model_roots():
-        if (root / name).exists():
-            return root / name
-    where = ", ".join(str(r) for r in model_roots()) or f"(none: set {MODELS_DIR_ENV})"
-    raise FileNotFoundError(f"EasyAnimate model '{name}' not found in {where}.")
-
-
 def resolve_file(kind: str, name: str) -> Path:
-    comfy = comfy_modules()
-    if comfy:
-        return Path(comfy[4].get_full_path_or_raise(kind, name))
-    for folder in _standalone_folders(kind):
-        if (folder / name).is_file():
-            return folder / name
-    raise FileNotFoundError(f"'{name}' not found in the {kind} folders.")
+    return current_host().resolve_file(kind, name)
+
+
+def precision(choice: str) -> str:
+    """The weight dtype name for a node's precision choice ("auto": what the host picks for its device)."""
+    return current_host().precision(choice)
+
+
+def check_interrupt() -> None:
+    current_host().check_interrupt()
+
+
+__all__ = ["ComfyHost", "EasyAnimateError", "HostError", "current_host", "select_host", "inside_comfyui"]

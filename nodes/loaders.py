@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from . import host
-from .handles import MODEL, T5, VAE, ModelHandle, T5Handle, TextEncoderSource, VAEHandle
+from .handles import MODEL, T5, VAE, LazyComponent, ModelHandle, T5Handle, VAEHandle
 
 log = logging.getLogger(__name__)
 
@@ -19,19 +19,6 @@ NONE = "none"
 # Loaded models by what was loaded. Weak values: an entry lives only as long as some workflow output holds
 # the model handle (which holds its VAE and T5 handles), so this never keeps a model in memory on its own.
 _LOADED: "weakref.WeakValueDictionary[tuple, ModelHandle]" = weakref.WeakValueDictionary()
-
-
-def _precision(choice: str) -> str:
-    if choice != "auto":
-        return choice
-    comfy = host.comfy_modules()
-    device = host.compute_device()
-    if comfy:
-        dtype = comfy[0].unet_dtype(device, supported_dtypes=[torch.bfloat16, torch.float16, torch.float32])
-        return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "fp32"
 
 
 def _signature(path: Path) -> tuple:
@@ -84,33 +71,38 @@ class LoadEasyAnimate:
             return float("nan")
 
     def load(self, model, precision, motion_module=NONE, personalized=NONE):
+        from ..easyanimate.image_encoder import load_image_encoder
         from ..easyanimate.loading import load_transformer
+        from ..easyanimate.text import load_text_encoder
         from ..easyanimate.vae import load_vae
 
+        runtime = host.current_host()
         root = host.resolve_model(model)
-        dtype = _precision(precision)
+        dtype = runtime.precision(precision)
         mm = host.resolve_file(host.MODEL_FOLDER, motion_module) if motion_module != NONE else None
         pers = host.resolve_file(host.MODEL_FOLDER, personalized) if personalized != NONE else None
-        plan = host.standalone_memory_plan()  # outside ComfyUI only
-        fp8 = plan is not None and plan.options.mode == "fp8"
-        key = (str(root), dtype, str(mm), str(pers), _signature(root), fp8)
+        memory_mode = getattr(runtime, "memory", None)  # standalone only: fp8 changes the loaded weights
+        key = (str(root), dtype, str(mm), str(pers), _signature(root), getattr(memory_mode, "mode", None) == "fp8")
         cached = _LOADED.get(key)
         if cached is not None:
             return (cached, *cached.companions)
 
-        ops = host.operations()
+        ops = runtime.operations()
         transformer = load_transformer(root, dtype=dtype, motion_module=mm, personalized=pers, operations=ops)
-        if fp8:
-            plan.apply_fp8(transformer)
         vae = load_vae(root, dtype=dtype, operations=ops)
         release = root if (root / "transformer").is_dir() else root.parent
         scheduler = release / "scheduler" if (release / "scheduler" / "scheduler_config.json").is_file() else None
-        clip_dir = release / "image_encoder" if transformer.config.has_clip_projection else None
-        vae_handle = VAEHandle(vae, host.Component.wrap(vae.model, "vae"))
-        t5_handle = T5Handle(TextEncoderSource(release, dtype)) if (release / "text_encoder").is_dir() else None
-        model_handle = ModelHandle(model, transformer.config.family, host.Component.wrap(transformer, "transformer"),
-                                   scheduler, clip_dir if clip_dir is not None and clip_dir.is_dir() else None,
-                                   companions=(vae_handle, t5_handle))
+        clip_dir = release / "image_encoder"
+        image_encoder = None
+        if transformer.config.has_clip_projection and clip_dir.is_dir():
+            image_encoder = LazyComponent(lambda: load_image_encoder(clip_dir, dtype=dtype), "image_encoder")
+        vae_handle = VAEHandle(vae, runtime.wrap(vae.model, "vae"))
+        t5_handle = None
+        if (release / "text_encoder").is_dir():
+            t5_handle = T5Handle(LazyComponent(lambda: load_text_encoder(release, dtype=dtype), "text_encoder"))
+        model_handle = ModelHandle(model, transformer.config.family,
+                                   runtime.prepare(runtime.wrap(transformer, "transformer")), scheduler,
+                                   image_encoder, companions=(vae_handle, t5_handle))
         _LOADED[key] = model_handle
         log.info("EasyAnimate: loaded %s (%s, %s); VAE %s", model, transformer.config.family, dtype, vae)
         return (model_handle, vae_handle, t5_handle)
@@ -146,8 +138,10 @@ class EasyAnimateLoRALoader:
         }
 
     def apply(self, model, lora_name, strength_model, strength_t5, t5=None):
-        from ..easyanimate.lora import TRANSFORMER, LoRAError, read_lora, resolve_lora
+        from ..easyanimate.lora import LoRAError, check_lora_strength, read_lora, resolve_lora
 
+        check_lora_strength(strength_model, "strength_model")
+        check_lora_strength(strength_t5, "strength_t5")
         path = host.resolve_file("loras", lora_name)
         lora = read_lora(path)
         try:
@@ -160,7 +154,7 @@ class EasyAnimateLoRALoader:
         new_model = model
         if resolved is not None and strength_model != 0:
             log.info("EasyAnimate LoRA %s: %s", lora_name, resolved.report.summary())
-            new_model = model.with_transformer(model.transformer.with_lora(resolved, strength_model, TRANSFORMER))
+            new_model = model.with_transformer(host.current_host().with_lora(model.transformer, resolved, strength_model))
         has_text_layers = resolved is None or bool(resolved.report.skipped_text_encoder)
         new_t5 = t5.with_lora(path, strength_t5) if t5 is not None and has_text_layers else t5
         return new_model, new_t5

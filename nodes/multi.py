@@ -38,40 +38,16 @@ class MuLTIHandle:
 # ------------------------------------------------------------------------------------------ model files
 def demo_models() -> dict[str, Path]:
     """The small MuLTI model(s) shipped inside the pack."""
-    folder = Path(__file__).resolve().parent.parent / "easyanimate" / "multi" / "demo"
-    if not folder.is_dir():
-        return {}
-    return {p.name: p for p in sorted(folder.iterdir()) if (p / "config.json").is_file()}
+    return host.demo_folders("multi/demo", "config.json")
 
 
 def list_models() -> list[str]:
-    """Shipped models first, then folders with a config.json and weights under models/multi."""
-    names = set()
-    for root in host.model_roots(MODEL_FOLDER):
-        if root.is_dir():
-            names |= {p.name for p in root.iterdir() if (p / "config.json").is_file()}
-    demos = demo_models()
-    return list(demos) + sorted(names - set(demos))
+    """Shipped models first, then folders with a config.json under models/multi."""
+    return host.list_model_folders(MODEL_FOLDER, demo_models(), ("config.json",))
 
 
 def resolve_model(name: str) -> Path:
-    demos = demo_models()
-    if name in demos:
-        return demos[name]
-    for root in host.model_roots(MODEL_FOLDER):
-        if (root / name / "config.json").is_file():
-            return root / name
-    where = ", ".join(str(r) for r in host.model_roots(MODEL_FOLDER)) or f"(none: set {host.MODELS_DIR_ENV})"
-    raise FileNotFoundError(f"MuLTI model '{name}' not found. Put MuLTI model folders in models/{MODEL_FOLDER} ({where}).")
-
-
-def _dtype(choice: str) -> torch.dtype:
-    if choice == "auto":
-        device = host.compute_device()
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[choice]
+    return host.resolve_model_folder(MODEL_FOLDER, name, demo_models())
 
 
 # ------------------------------------------------------------------------------------------ frames
@@ -137,17 +113,19 @@ class MuLTILoader:
             return float("nan")
 
     def load(self, model, precision):
+        from ..easyanimate.checkpoint import parse_dtype
         from ..easyanimate.multi.io import load_multi
 
+        runtime = host.current_host()
         folder = resolve_model(model)
-        dtype = _dtype(precision)
+        dtype = parse_dtype(runtime.precision(precision))
         key = (str(folder), str(dtype))
         cached = _LOADED.get(key)
         if cached is not None:
             return (cached,)
         bundle = load_multi(folder, device="cpu", dtype=dtype)
         bundle.model.eval()
-        handle = MuLTIHandle(model, bundle, host.Component.wrap(bundle.model, "multi"))
+        handle = MuLTIHandle(model, bundle, runtime.wrap(bundle.model, "multi"))
         _LOADED[key] = handle
         return (handle,)
 
@@ -187,9 +165,10 @@ class MuLTIVideoTextScore:
         from ..easyanimate.multi.evaluate import score_texts
 
         videos, lines = split_videos(frames, frames_per_video), _texts(texts)
-        progress = host.Progress(len(videos))
+        runtime = host.current_host()
+        progress = runtime.progress(len(videos))
         rows = []
-        with multi_model.component.placed():
+        with runtime.placed([multi_model.component]):
             for index, video in enumerate(videos):
                 result = score_texts(multi_model.bundle, video, lines)  # vtc: cosine, vtm: match probability
                 per_text = result["vtm"] if match else result["vtc"]
@@ -239,7 +218,7 @@ class MuLTIVideoQA:
         if not question.strip():
             raise ValueError("The question is empty. Type a question about the video.")
         choices = [line.strip() for line in options.splitlines() if line.strip()]
-        with multi_model.component.placed():
+        with host.current_host().placed([multi_model.component]):
             if choices:
                 result = answer_choice(multi_model.bundle, video, question, choices)
                 probs = {c: round(float(p), 4) for c, p in zip(choices, result["probs"])}
@@ -273,7 +252,7 @@ class MuLTITags:
         from ..easyanimate.multi.evaluate import predict_tags
 
         video = split_videos(frames, frames_per_video)[0]
-        with multi_model.component.placed():
+        with host.current_host().placed([multi_model.component]):
             scores = predict_tags(multi_model.bundle, video)["probs"]
         ranked = sorted(scores.items(), key=lambda kv: -kv[1])
         tags = [name for name, p in ranked if p >= threshold]

@@ -5,6 +5,7 @@ import logging
 
 import torch
 
+from ..easyanimate.errors import MAX_SEED, EasyAnimateError
 from . import host
 from .handles import MODEL, TEXT_EMBEDS, VAE
 
@@ -25,7 +26,7 @@ class EasyAnimateSampler:
     CATEGORY = "EasyAnimate"
     RETURN_TYPES = ("LATENT",)
     RETURN_NAMES = ("samples",)
-    OUTPUT_TOOLTIPS = ("Video latents (batch, 4, latent frames, height/8, width/8).",)
+    OUTPUT_TOOLTIPS = ("Video latents (batch, latent channels, latent frames, height/8, width/8).",)
     FUNCTION = "sample"
 
     @classmethod
@@ -45,7 +46,7 @@ class EasyAnimateSampler:
                 "frames": ("INT", {"default": 48, "min": 1, "max": 1024,
                                    "tooltip": "Number of frames. V3 makes 1 or multiples of 8, V2 1 or multiples of 9; other "
                                               "counts are rounded down as the reference does (reported in the log)."}),
-                "seed": ("INT", {"default": 43, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
+                "seed": ("INT", {"default": 43, "min": 0, "max": MAX_SEED, "control_after_generate": True,
                                  "tooltip": "Seed of the start noise (and of the VAE's samples)."}),
                 "steps": ("INT", {"default": 25, "min": 1, "max": 1000, "tooltip": "Denoising steps (reference: 25 for V3)."}),
                 "cfg": ("FLOAT", {"default": 7.0, "min": 0.0, "max": 50.0, "step": 0.1,
@@ -71,49 +72,66 @@ class EasyAnimateSampler:
 
     def sample(self, model, embeds, vae, width, height, frames, seed, steps, cfg, sampler_name, denoise,
                start_image=None, end_image=None, video=None, clip_apply_ratio=0.5, batch_size=1):
+        from ..easyanimate.errors import check_seed
         from ..easyanimate.pipeline import generate
 
+        runtime = host.current_host()
+        if batch_size < 1:
+            raise EasyAnimateError(f"batch_size must be at least 1 (the number of videos to make); got {batch_size}.")
+        check_seed(seed)
+        check_seed(seed + batch_size - 1, "seed of the last video (seed + batch_size - 1)")
         transformer = model.transformer.module
         count = vae.vae.rules.round_frames(frames)
         if count.changed:
             log.warning("EasyAnimate: %d frames is not a count this model makes; generating %d.", frames, count.frames)
-        video_in = None
-        if video is not None:
-            video_in = images_to_frames(video).transpose(0, 1)[None]
+        video_in = images_to_frames(video).transpose(0, 1)[None] if video is not None else None
         starts = images_to_frames(start_image) if start_image is not None else None
         ends = images_to_frames(end_image[-1:]) if end_image is not None else None
-        image_encoder = None
+        image_encoder = clip_component = None
         if starts is not None and transformer.config.has_clip_projection:
-            image_encoder = model.image_encoder(dtype=str(transformer.dtype).removeprefix("torch."))
-            if image_encoder is None:
+            if model.image_encoder is None:
                 log.warning("EasyAnimate: this model folder has no image_encoder/; image-to-video runs without CLIP tokens.")
+            else:
+                image_encoder, clip_component = model.image_encoder.get()
 
-        progress = host.Progress(steps * batch_size)
-        previewer = host.latent_previewer(vae)
-        candidate = [0]
+        placement = runtime.placement(transformer=model.transformer, vae=vae.component, image_encoder=clip_component)
+        report = StepReport(runtime.progress(steps * batch_size),
+                            runtime.latent_previewer(lambda: preview_factors(runtime, vae)))
+        results = []
+        for candidate in range(batch_size):
+            latents = generate(
+                transformer, vae.vae, embeds.positive, embeds.negative,
+                frames=count.frames, height=height, width=width, steps=steps, guidance_scale=cfg,
+                sampler=sampler_name, scheduler_config=model.scheduler_config, seed=seed + candidate,
+                start_images=starts, end_images=ends, video=video_in, strength=denoise,
+                image_encoder=image_encoder, clip_apply_ratio=clip_apply_ratio,
+                callback=report.for_candidate(candidate, batch_size), placement=placement,
+            )
+            results.append(latents.to(runtime.intermediate_device, torch.float32))
+        return ({"samples": torch.cat(results)},)
 
+
+def preview_factors(runtime, vae):
+    """The VAE's latent->RGB preview factors, fitted once per loaded VAE."""
+    cache = vae.preview_cache
+    if "factors" not in cache:
+        with runtime.placed([vae.component]):
+            cache["factors"] = vae.vae.latent_rgb_factors()
+    return cache["factors"]
+
+
+class StepReport:
+    """Turns the pipeline's step callbacks into the host's progress (one bar for all videos of a batch),
+    with a preview of the middle latent frame, as ComfyUI's own previews show one image."""
+
+    def __init__(self, progress, previewer=None):
+        self.progress, self.previewer = progress, previewer
+
+    def for_candidate(self, candidate: int, count: int):
         def on_step(done, total, latents):
             preview = None
-            if previewer is not None:  # the middle latent frame, as ComfyUI's own previews show one image
+            if self.previewer is not None:
                 middle = latents.shape[2] // 2
-                preview = previewer.decode_latent_to_preview_image("JPEG", latents[:, :, middle:middle + 1].float())
-            progress.update(candidate[0] * total + done, total * batch_size, preview)
-
-        lat_h, lat_w = height // 8, width // 8
-        memory = host.transformer_memory_estimate(transformer, (1, 4, count.latents, lat_h, lat_w), cfg > 1)
-        results = []
-        plan = host.standalone_memory_plan()  # outside ComfyUI only, from the environment
-        block_swap = plan is not None and plan.options.mode == "block-swap"
-        with model.transformer.placed(memory, others=() if block_swap else (vae.component,), plan=plan,
-                                      load=not block_swap):
-            for candidate[0] in range(batch_size):
-                latents = generate(
-                    transformer, vae.vae, embeds.positive, embeds.negative,
-                    frames=count.frames, height=height, width=width, steps=steps, guidance_scale=cfg,
-                    sampler=sampler_name, scheduler_config=model.scheduler_config, seed=seed + candidate[0],
-                    start_images=starts, end_images=ends, video=video_in, strength=denoise,
-                    image_encoder=image_encoder, clip_apply_ratio=clip_apply_ratio, callback=on_step,
-                    memory=plan if block_swap or (plan is not None and plan.options.budget_bytes) else None,
-                )
-                results.append(latents.to(host.intermediate_device(), torch.float32))
-        return ({"samples": torch.cat(results)},)
+                preview = self.previewer.decode_latent_to_preview_image("JPEG", latents[:, :, middle:middle + 1].float())
+            self.progress.update(candidate * total + done, total * count, preview)
+        return on_step

@@ -1,8 +1,11 @@
 """VAE nodes: decode latents to frames slice by slice, encode frames to latents."""
 from __future__ import annotations
 
+import itertools
+
 import torch
 
+from ..easyanimate.errors import MAX_SEED, EasyAnimateError
 from . import host
 from .handles import VAE
 from .sampling import images_to_frames
@@ -13,6 +16,8 @@ TILING = ["model default", "off", "on"]
 def _tiling(mode: str, tile_size: int, overlap: float):
     from ..easyanimate.vae import Tiling
 
+    if mode not in TILING:
+        raise EasyAnimateError(f"tiling must be one of {', '.join(repr(t) for t in TILING)}; got {mode!r}.")
     if mode == "off":
         return False
     if mode == "on":
@@ -52,28 +57,29 @@ class EasyAnimateSliceVAEDecode:
                 **_tiling_inputs(),
                 "smooth": ("BOOLEAN", {"default": False, "tooltip": "The reference's seam-smoothing pass: re-encode and "
                            "decode the middle frames and average (about 2x the time; needed for pixel parity with the reference)."}),
-                "smooth_seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
+                "smooth_seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED,
                                         "tooltip": "Seed of the smoothing pass's sample (used only when smooth is on)."}),
             },
         }
 
     def decode(self, vae, samples, tiling, tile_size, tile_overlap, smooth, smooth_seed):
+        from ..easyanimate.errors import check_seed
+
         latents = samples["samples"]
         if latents.ndim != 5:
-            raise ValueError(f"EasyAnimate latents are 5-D (batch, channels, frames, height, width); got {tuple(latents.shape)}. "
-                             "Connect the EasyAnimate Sampler's output.")
+            raise EasyAnimateError(f"EasyAnimate latents are 5-D (batch, channels, frames, height, width); got "
+                                   f"{tuple(latents.shape)}. Connect the EasyAnimate Sampler's output.")
+        tiles = _tiling(tiling, tile_size, tile_overlap)
+        generator = torch.Generator().manual_seed(check_seed(smooth_seed, "smooth_seed")) if smooth else None
+        runtime = host.current_host()
         plan = vae.vae.rules.decode_plan(latents.shape[2])
-        progress = host.Progress(len(plan) * (3 if smooth else 1))
-        done = [0]
-
-        def on_slice(_i, _n):
-            done[0] += 1
-            progress.update(done[0])
-
-        with vae.component.placed(host.vae_memory_estimate(latents.shape), plan=host.standalone_memory_plan()):
+        progress = runtime.progress(len(plan) * (3 if smooth else 1))
+        slices_done = itertools.count(1)
+        memory = vae.vae.activation_bytes(latents.shape[-2:], decode=True, batch=latents.shape[0], tiling=tiles)
+        with runtime.placed([vae.component], memory):
             video = vae.vae.decode_video(
-                latents, smooth=smooth, generator=torch.Generator().manual_seed(smooth_seed) if smooth else None,
-                tiling=_tiling(tiling, tile_size, tile_overlap), out_device=host.intermediate_device(), progress=on_slice,
+                latents, smooth=smooth, generator=generator, tiling=tiles, memory_budget=runtime.budget_bytes,
+                out_device=runtime.intermediate_device, progress=lambda _i, _n: progress.update(next(slices_done)),
             )
         # (B, 3, F, H, W) -> IMAGE (B*F, H, W, 3)
         return (video.permute(0, 2, 3, 4, 1).reshape(-1, *video.shape[-2:], 3).float(),)
@@ -95,17 +101,22 @@ class EasyAnimateVAEEncode:
                 **_tiling_inputs(),
                 "sample": ("BOOLEAN", {"default": False, "tooltip": "Draw a sample of the posterior (as the reference "
                            "pipelines do) instead of taking its mean."}),
-                "sample_seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "tooltip": "Seed of that sample."}),
+                "sample_seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "tooltip": "Seed of that sample."}),
             },
         }
 
     def encode(self, vae, frames, tiling, tile_size, tile_overlap, sample, sample_seed):
-        video = images_to_frames(frames).transpose(0, 1)[None] * 2 - 1
-        progress = host.Progress(len(vae.vae.rules.encode_plan(video.shape[2])))
-        estimate = host.vae_memory_estimate((1, 4, video.shape[2], video.shape[-2] // 8, video.shape[-1] // 8))
-        with vae.component.placed(estimate, plan=host.standalone_memory_plan()):
+        from ..easyanimate.errors import check_finite, check_seed
+
+        tiles = _tiling(tiling, tile_size, tile_overlap)
+        generator = torch.Generator().manual_seed(check_seed(sample_seed, "sample_seed")) if sample else None
+        video = check_finite(images_to_frames(frames), "frames to encode").transpose(0, 1)[None] * 2 - 1
+        runtime = host.current_host()
+        progress = runtime.progress(len(vae.vae.rules.encode_plan(video.shape[2])))
+        memory = vae.vae.activation_bytes(video.shape[-2:], decode=False, tiling=tiles)
+        with runtime.placed([vae.component], memory):
             latents = vae.vae.encode_latents(
-                video, sample=sample, generator=torch.Generator().manual_seed(sample_seed) if sample else None,
-                tiling=_tiling(tiling, tile_size, tile_overlap), progress=lambda i, n: progress.update(i),
+                video, sample=sample, generator=generator, tiling=tiles, memory_budget=runtime.budget_bytes,
+                progress=lambda i, n: progress.update(i),
             )
-        return ({"samples": latents.to(host.intermediate_device(), torch.float32)},)
+        return ({"samples": latents.to(runtime.intermediate_device, torch.float32)},)

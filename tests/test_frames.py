@@ -1,4 +1,4 @@
-"""Frame arithmetic of the three families (spec §3.3, §3.4): counts, rounding, slicing plans."""
+"""Frame arithmetic of the three families (docs/numerics.md#frame-arithmetic): counts, rounding, slicing plans."""
 import pytest
 
 from easyanimate.errors import EasyAnimateError

@@ -190,9 +190,16 @@ def test_unexpected_keys_are_named_with_counts(tmp_path, reference):
 
 def test_shape_mismatch_names_key_and_both_shapes(tmp_path, reference):
     family, _, sd, _, _ = reference
-    wrong = tiny_config_dict(family, caption_channels=40)
-    write_folder(tmp_path, wrong, sd)
-    with pytest.raises(CheckpointMismatchError, match=r"caption_projection.linear_1.weight.*\(32, 24\).*\(32, 40\)"):
+    wrong = {**sd, "caption_projection.linear_2.weight": torch.zeros(32, 40)}
+    write_folder(tmp_path, tiny_config_dict(family), wrong)
+    with pytest.raises(CheckpointMismatchError, match=r"caption_projection.linear_2.weight.*\(32, 40\).*\(32, 32\)"):
+        load_transformer(tmp_path)
+
+
+def test_config_size_contradicting_the_weights_is_refused_before_building(tmp_path, reference):
+    family, _, sd, _, _ = reference
+    write_folder(tmp_path, tiny_config_dict(family, caption_channels=40), sd)
+    with pytest.raises(CheckpointMismatchError, match=r"config.json.*caption_channels = 40, but the weights hold 24"):
         load_transformer(tmp_path)
 
 

@@ -150,7 +150,7 @@ def t5_output(t5, ids):
 
 # ---------------------------------------------------------------------------------------------- formats
 
-@pytest.mark.parametrize("mode", ["weights", "layerwise", "hooks"])
+@pytest.mark.parametrize("mode", ["weights", "hooks"])
 def test_every_format_gives_the_same_output(tmp_path, model, inputs, mode):
     factors = make_factors(model)
     files = all_formats(tmp_path, factors)
@@ -222,7 +222,7 @@ def test_legacy_pt_file(tmp_path, model, inputs):
 
 # ---------------------------------------------------------------------------------------------- stacking, strengths
 
-@pytest.mark.parametrize("mode", ["weights", "layerwise", "hooks"])
+@pytest.mark.parametrize("mode", ["weights", "hooks"])
 def test_stack_with_negative_strength_matches_sequential_merge(tmp_path, model, inputs, mode):
     first, second = make_factors(model, seed=1), make_factors(model, seed=2, only=r"attn|ff")
     a = resolve_lora(write(tmp_path, "a.safetensors", kohya_dict(first, "lora_unet__")), model)
@@ -239,7 +239,7 @@ def test_stack_with_negative_strength_matches_sequential_merge(tmp_path, model, 
     assert_restored(model, snap)
 
 
-@pytest.mark.parametrize("mode", ["weights", "layerwise", "hooks"])
+@pytest.mark.parametrize("mode", ["weights", "hooks"])
 def test_zero_strength_is_exactly_no_effect_and_strengths_need_no_reload(tmp_path, model, inputs, mode):
     resolved = resolve_lora(write(tmp_path, "a.safetensors", kohya_dict(make_factors(model), "lora_unet__")), model)
     base = run(model, inputs)
@@ -280,22 +280,22 @@ def test_hundred_apply_restore_cycles_are_bit_exact(tmp_path, model, inputs):
     probe_module = model.get_submodule(probe)
     base_probe = probe_module.weight
     for cycle in range(100):
-        mode = ("weights", "layerwise", "hooks")[cycle % 3]
+        mode = ("weights", "hooks")[cycle % 2]
         with lora_patches(model, [(a, 0.7), (b, -0.45)], mode=mode):
             if mode == "weights":
                 assert probe_module.weight is not base_probe and not torch.equal(probe_module.weight, base_probe)
-            else:  # patched only inside the layer's forward, or not at all
+            else:  # not patched at all: the low-rank product is added to the layer's output
                 assert probe_module.weight is base_probe and probe_module._forward_hooks
         assert probe_module.weight is base_probe
     assert_restored(model, snap)
 
 
-@pytest.mark.parametrize("mode", ["weights", "layerwise", "hooks"])
+@pytest.mark.parametrize("mode", ["weights", "hooks"])
 @pytest.mark.parametrize("error", [KeyboardInterrupt, RuntimeError])
 def test_interrupted_body_restores_the_model(tmp_path, model, inputs, mode, error):
     resolved = resolve_lora(write(tmp_path, "a.safetensors", kohya_dict(make_factors(model), "lora_unet__")), model)
     snap = snapshot(model)
-    # The forward of this adapted layer raises: in "layerwise" mode its patched weight is in place then.
+    # The forward of this adapted layer raises, while the LoRA is applied.
     block = model.transformer_blocks[7].attn2.to_k
     calls = []
 
@@ -314,11 +314,11 @@ def test_interrupted_body_restores_the_model(tmp_path, model, inputs, mode, erro
     assert_restored(model, snap)
 
 
-@pytest.mark.parametrize("mode", ["weights", "layerwise", "hooks"])
+@pytest.mark.parametrize("mode", ["weights", "hooks"])
 def test_interrupted_application_restores_the_layers_already_patched(tmp_path, model, monkeypatch, mode):
     resolved = resolve_lora(write(tmp_path, "a.safetensors", kohya_dict(make_factors(model), "lora_unet__")), model)
     snap = snapshot(model)
-    target = {"weights": "_low_rank_product", "layerwise": "_put_back", "hooks": "_low_rank_hook"}[mode]
+    target = {"weights": "_low_rank_product", "hooks": "_low_rank_hook"}[mode]
     real, calls = getattr(lora_module, target), []
 
     def interrupted(*args, **kwargs):
@@ -354,9 +354,8 @@ def test_weights_mode_keeps_no_second_copy_of_the_model(tmp_path, model):
         new = [p for p in model.parameters() if p.data_ptr() not in before]
         target_bytes = sum(model.get_submodule(n).weight.nbytes for n in factors)
         assert sum(p.nbytes for p in new) == target_bytes
-    for mode in ("layerwise", "hooks"):
-        with lora_patches(model, [(resolved, 1.0)], mode=mode):
-            assert {p.data_ptr() for p in model.parameters()} == before
+    with lora_patches(model, [(resolved, 1.0)], mode="hooks"):
+        assert {p.data_ptr() for p in model.parameters()} == before
 
 
 # ---------------------------------------------------------------------------------------------- reporting
@@ -476,45 +475,221 @@ def test_text_encoder_inside_a_wrapper_and_te_only_lora(tmp_path, model):
 
 # ---------------------------------------------------------------------------------------------- ComfyUI key map
 
-def comfy_style_merge(model, lora_sd, key_map, strength, model_key_prefix=""):
-    """What ComfyUI does with `load_lora(lora_sd, key_map)` + ModelPatcher patches for plain LoRAs (kohya,
-    diffusers `_lora.up`, PEFT `lora_B`, `.lora.up`): W += (strength * alpha / rank) * (up @ down) in float32.
-    Written here from ComfyUI's documented behaviour; ComfyUI itself is not imported."""
-    patched = copy.deepcopy(model)
-    state = patched.state_dict(keep_vars=True)
-    used = set()
+def definition_weights64(model, factors, strength, scale):
+    """{module.weight: W + strength * scale * (up @ down)} in float64, from the LoRA definition and the factors
+    the test files were written from (no code under test, no float32 order of operations)."""
+    out = {}
+    for name, (down, up) in factors.items():
+        w = model.get_submodule(name).weight.detach().double()
+        delta = (up.double().flatten(1) @ down.double().flatten(1)).reshape(w.shape)
+        out[f"{name}.weight"] = w + strength * scale * delta
+    return out
+
+
+# The tensor names of a plain LoRA layer `x` in a LoRA state dict, as ComfyUI's LoRA adapter
+# (comfy/weight_adapter/lora.py) looks them up: (up, down); alpha is `x.alpha` (absent: alpha = rank).
+COMFY_LORA_NAMES = ((".lora_up.weight", ".lora_down.weight"), ("_lora.up.weight", "_lora.down.weight"),
+                    (".lora_B.weight", ".lora_A.weight"), (".lora.up.weight", ".lora.down.weight"))
+
+
+def lora_deltas64(lora_sd, key_map):
+    """{model key: (alpha / rank) * (up @ down)} in float64 for every `key_map` entry of a LoRA state dict."""
+    deltas = {}
     for x, model_key in key_map.items():
-        for up_suffix, down_suffix in ((".lora_up.weight", ".lora_down.weight"), ("_lora.up.weight", "_lora.down.weight"),
-                                       (".lora_B.weight", ".lora_A.weight"), (".lora.up.weight", ".lora.down.weight")):
-            if x + up_suffix in lora_sd:
-                up, down = lora_sd[x + up_suffix].float(), lora_sd[x + down_suffix].float()
-                alpha = lora_sd[x + ".alpha"].item() / down.shape[0] if x + ".alpha" in lora_sd else 1.0
-                weight = state[model_key.removeprefix(model_key_prefix)]
-                with torch.no_grad():
-                    weight += ((strength * alpha) * torch.mm(up.flatten(1), down.flatten(1))).reshape(weight.shape)
-                used.add(x)
-                break
-    assert used == set(key_map), f"ComfyUI would not find {sorted(set(key_map) - used)[:3]}"
-    return patched
+        names = [(x + u, x + d) for u, d in COMFY_LORA_NAMES if x + u in lora_sd]
+        assert names, f"no up/down tensors for {x}"
+        up, down = (lora_sd[n].double() for n in names[0])
+        alpha = lora_sd[x + ".alpha"].item() if x + ".alpha" in lora_sd else down.shape[0]
+        deltas[model_key] = (alpha / down.shape[0]) * (up.flatten(1) @ down.flatten(1))
+    return deltas
 
 
-def test_comfy_key_map_gives_the_same_numbers_for_every_format(tmp_path, model, inputs):
+def merge64(model, deltas, strength, prefix=""):
+    """{module.weight: W + strength * delta} in float64 for deltas keyed by (prefixed) state-dict keys."""
+    out = {}
+    for key, delta in deltas.items():
+        key = key.removeprefix(prefix)
+        w = model.get_submodule(key[:-len(".weight")]).weight.detach().double()
+        out[key] = w + strength * delta.reshape(w.shape)
+    return out
+
+
+def assert_weights_close(got: dict, expected: dict, rel: float, what: str):
+    assert set(got) == set(expected), (what, sorted(set(got) ^ set(expected))[:3])
+    for key, value in expected.items():
+        err = (got[key].double() - value).abs().max().item() / value.abs().max().item()
+        assert err <= rel, f"{what}: {key} rel error {err:.2e} > {rel:.0e}"
+
+
+def test_comfy_export_describes_the_lora_for_every_format(tmp_path, model, inputs):
+    """`comfy_state_dict()` + `comfy_key_map()` (and, when the scale is in the file, the file's own tensors
+    + `comfy_key_map(path)`) name every adapted weight and give its float64 LoRA delta; our merge is that
+    delta in float32."""
     from safetensors.torch import load_file
 
     factors = make_factors(model)
+    expected = definition_weights64(model, factors, 0.6, ALPHA / RANK)
     for fmt, path in all_formats(tmp_path, factors).items():
         resolved = resolve_lora(path, model)
-        with lora_patches(model, [(resolved, 0.6)]):
-            ours = run(model, inputs)
-        # The normalised tensors + key map are right for every format (PEFT metadata alpha included) ...
         key_map = resolved.comfy_key_map(model_key_prefix="diffusion_model.")
         if fmt.startswith("easyanimate"):
             assert key_map["lora_unet__long_connect_fc_3"] == "diffusion_model.long_connect_fc.3.weight"
         if fmt.startswith("old diffusers"):
             assert key_map["transformer_blocks.2.attn2.processor.to_out"] == "diffusion_model.transformer_blocks.2.attn2.to_out.0.weight"
-        comfy = comfy_style_merge(model, resolved.comfy_state_dict(), key_map, 0.6, "diffusion_model.")
-        assert torch.equal(run(comfy, inputs), ours), fmt
-        # ... and the file's own tensors work too when the scale is in the file itself.
+        merged = merge64(model, lora_deltas64(resolved.comfy_state_dict(), key_map), 0.6, "diffusion_model.")
+        assert_weights_close(merged, expected, 1e-12, fmt)  # float32 factors, float64 products: exact
         if "metadata" not in fmt and "adapter_config" not in fmt:
-            raw = comfy_style_merge(model, load_file(str(path)), comfy_key_map(path, model), 0.6)
-            assert torch.equal(run(raw, inputs), ours), fmt
+            merged = merge64(model, lora_deltas64(load_file(str(path)), comfy_key_map(path, model)), 0.6)
+            assert_weights_close(merged, expected, 1e-12, f"{fmt} (file tensors)")
+        with lora_patches(model, [(resolved, 0.6)], mode="weights"):
+            ours = {k: model.get_submodule(k[:-len(".weight")]).weight.detach().clone() for k in expected}
+        assert_weights_close(ours, expected, 1e-6, f"{fmt} (our float32 merge)")
+
+
+# ComfyUI's own LoRA loading, in ComfyUI's interpreter: `comfy.lora.load_lora(lora_sd, key_map)`, then a
+# ModelPatcher over a module tree holding the model's weights under their (prefixed) state-dict keys,
+# `add_patches(patches, strength)` + `patch_model()`; the patched weights are written back for the test.
+COMFY_LORA_SCRIPT = r"""
+import json, logging, sys
+sys.path.insert(0, sys.argv[1])
+import comfy.cli_args
+comfy.cli_args.args.cpu = True
+import torch
+import comfy.lora, comfy.model_patcher
+from safetensors.torch import load_file, save_file
+
+not_loaded = []
+class Watch(logging.Handler):
+    def emit(self, record):
+        if "lora key not loaded" in record.getMessage():
+            not_loaded.append(record.getMessage())
+logging.getLogger().addHandler(Watch())
+
+def module_tree(state):
+    root = torch.nn.Module()
+    for key, value in state.items():
+        *path, name = key.split(".")
+        module = root
+        for part in path:
+            if part not in module._modules:
+                module.add_module(part, torch.nn.Module())
+            module = module._modules[part]
+        module.register_parameter(name, torch.nn.Parameter(value.clone(), requires_grad=False))
+    return root
+
+manifest = json.loads(open(sys.argv[2]).read())
+base = load_file(manifest["model"])
+for job in manifest["jobs"]:
+    patches = comfy.lora.load_lora(load_file(job["lora"]), job["key_map"])
+    tree = module_tree({job["prefix"] + k: v for k, v in base.items()})
+    patcher = comfy.model_patcher.ModelPatcher(tree, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+    applied = patcher.add_patches(patches, job["strength"])
+    patcher.patch_model()
+    assert len(patches) == len(job["key_map"]) == len(applied), (job["name"], len(patches), len(applied))
+    save_file({k.removeprefix(job["prefix"]): v.contiguous() for k, v in tree.state_dict().items()}, job["out"])
+assert not not_loaded, not_loaded[:3]
+print("ok")
+"""
+
+
+def test_comfyui_merges_our_exports_as_we_do(tmp_path):
+    """ComfyUI's `load_lora` + ModelPatcher on `comfy_state_dict()` + `comfy_key_map()` (every format) and on
+    the file's own tensors + `comfy_key_map(path)` (formats with the scale in the file) patch the same weights
+    as our merge, to float32 rounding, and the model gives the same output. Needs COMFYUI_DIR (ComfyUI's
+    interpreter: COMFYUI_PYTHON, default this one)."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from safetensors.torch import load_file
+
+    comfy_dir = os.environ.get("COMFYUI_DIR")
+    if not comfy_dir:
+        pytest.skip("COMFYUI_DIR is not set: no ComfyUI to merge the LoRAs with (set it, and COMFYUI_PYTHON)")
+    model = random_model("v3", num_layers=4)  # U-ViT skips included; small, as ComfyUI patches each job anew
+    inputs = example_inputs(model, frames=2, height=4, width=4)
+    factors = make_factors(model)
+    files = all_formats(tmp_path / "loras", factors)
+    write(tmp_path, "model.safetensors", model.state_dict())
+    jobs, ours = [], {}
+    for index, (fmt, path) in enumerate(files.items()):
+        resolved = resolve_lora(path, model)
+        with lora_patches(model, [(resolved, 0.6)], mode="weights"):
+            ours[fmt] = {k: v.clone() for k, v in model.state_dict().items()}
+        export = write(tmp_path, f"export{index}.safetensors", resolved.comfy_state_dict())
+        jobs.append(dict(name=fmt, lora=str(export), prefix="diffusion_model.", strength=0.6,
+                         key_map=resolved.comfy_key_map(model_key_prefix="diffusion_model."),
+                         out=str(tmp_path / f"comfy{index}.safetensors")))
+        if "metadata" not in fmt and "adapter_config" not in fmt:
+            jobs.append(dict(name=fmt + " (file tensors)", lora=str(path), prefix="", strength=0.6,
+                             key_map=comfy_key_map(path, model), out=str(tmp_path / f"comfy{index}_raw.safetensors")))
+    (tmp_path / "jobs.json").write_text(json.dumps({"model": str(tmp_path / "model.safetensors"), "jobs": jobs}))
+    script = tmp_path / "comfy_lora.py"
+    script.write_text(COMFY_LORA_SCRIPT)
+    # The test host's launcher (beside the project) works around a CPU-only torch without torchvision.
+    launcher = ROOT.parent / "shared" / "comfyhost" / "launch_comfy.py"
+    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
+    command = [python] + ([str(launcher)] if launcher.is_file() else []) + [str(script), comfy_dir, str(tmp_path / "jobs.json")]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=comfy_dir, timeout=600,
+                            env=dict(os.environ, COMFYHOST_TV_SHIM="1"))
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout[-2000:] + result.stderr[-3000:]
+
+    base = run(model, inputs)
+    for job in jobs:
+        fmt = job["name"].removesuffix(" (file tensors)")
+        comfy = load_file(job["out"])
+        assert set(comfy) == set(ours[fmt]), job["name"]
+        changed = [k for k in comfy if not torch.equal(comfy[k], model.state_dict()[k])]
+        assert len(changed) == len(factors), (job["name"], len(changed))
+        for key, value in ours[fmt].items():
+            scale = value.abs().max().clamp_min(1e-30)
+            assert (comfy[key] - value).abs().max() <= 1e-6 * scale, (job["name"], key)
+        merged = copy.deepcopy(model)
+        merged.load_state_dict(comfy)
+        out = run(merged, inputs)
+        with lora_patches(model, [(resolve_lora(files[fmt], model), 0.6)], mode="weights"):
+            expected = run(model, inputs)
+        assert (out - expected).abs().max() <= 1e-5 * expected.abs().max(), job["name"]
+        assert (out - base).abs().max() > 0.05 * base.abs().max(), job["name"]  # the LoRA matters
+    print(f"ComfyUI merged {len(jobs)} LoRA exports as we do")
+
+
+# ---------------------------------------------------------------------------------------------- bad values
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_lora_file_holding_non_finite_weights_is_refused_naming_the_tensors(tmp_path, model, bad):
+    sd = kohya_dict(make_factors(model, only="attn1"), "lora_unet__")
+    key = "lora_unet__transformer_blocks_0_attn1_to_q.lora_up.weight"
+    sd[key] = sd[key].clone()
+    sd[key][0, 0] = bad
+    path = write(tmp_path, "diverged.safetensors", sd)
+    with pytest.raises(LoRAError, match=rf"'diverged.safetensors' holds NaN or infinite values in 1 \({key}\)"):
+        read_lora(path)
+    sd[key.replace("lora_up.weight", "alpha")] = torch.tensor(float("nan"))
+    with pytest.raises(LoRAError, match=r"in 2 \("):
+        read_lora(sd, name="in memory")
+
+
+@pytest.mark.parametrize("strength", [float("nan"), float("inf"), -float("inf"), 1e30, 101.0, "abc"])
+def test_non_finite_or_absurd_strengths_are_refused_and_nothing_changes(tmp_path, model, inputs, strength):
+    lora = resolve_lora(read_lora(kohya_dict(make_factors(model, only="attn1"), "lora_unet__")), model)
+    before = run(model, inputs)
+    with pytest.raises(LoRAError, match="from -100 to 100"):
+        with lora_patches(model, [(lora, strength)]):
+            pytest.fail("entered the block with a bad strength")
+    with pytest.raises(LoRAError, match="from -100 to 100"):
+        LoRAStack(model).with_lora(lora, strength)
+    with pytest.raises(LoRAError, match="text encoder strength"):
+        LoRAStack(model).with_lora(lora, 1.0, text_encoder_strength=strength)
+    assert not getattr(model, "_easyanimate_lora_active", False)
+    assert torch.equal(run(model, inputs), before)
+    assert lora_module.check_lora_strength(-100) == -100.0 and lora_module.check_lora_strength("0.5") == 0.5
+
+
+def test_lora_path_that_is_a_folder_is_named_as_such(tmp_path, model):
+    write(tmp_path / "loras", "mine.safetensors", kohya_dict(make_factors(model, only="attn1"), "lora_unet__"))
+    with pytest.raises(LoRAFileError, match=r"is a folder, not a LoRA file.*holds mine.safetensors"):
+        read_lora(tmp_path / "loras")
+    with pytest.raises(LoRAFileError, match="does not exist"):
+        read_lora(tmp_path / "loras" / "other.safetensors")

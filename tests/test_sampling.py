@@ -24,7 +24,7 @@ from easyanimate.sampling import (
 )
 
 SHAPE = (1, 4, 2, 4, 4)
-# The release's scheduler folder (spec §5.2): a DPM-Solver config that every sampler re-uses.
+# The release's scheduler folder: a DPM-Solver config that every sampler re-uses.
 RELEASE_CONFIG = {
     "_class_name": "DPMSolverMultistepScheduler", "_diffusers_version": "0.22.0.dev0",
     "algorithm_type": "dpmsolver++", "beta_end": 0.02, "beta_schedule": "linear", "beta_start": 0.0001,
@@ -65,7 +65,7 @@ def run(sampler, model_fn, latents, guidance=1.0, **kwargs):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Construction routes and timestep tables (spec §5.2, 25 steps)
+# Construction routes and timestep tables (docs/numerics.md#two-configuration-routes, 25 steps)
 # ----------------------------------------------------------------------------------------------------
 
 def test_timestep_tables_of_both_routes():
@@ -133,7 +133,7 @@ def test_scheduler_folder_route(tmp_path):
 
 
 def test_init_noise_sigma():
-    # ᾱ at t = 999 ≈ 4.0e-5, σ_max = √((1−ᾱ)/ᾱ) ≈ 157.407 (spec §5.1).
+    # ᾱ at t = 999 ≈ 4.0e-5, σ_max = √((1−ᾱ)/ᾱ) ≈ 157.407.
     euler = build_sampler("Euler")
     euler.set_timesteps(25)
     alpha_bar = euler.schedule.alphas_cumprod[-1].item()
@@ -521,7 +521,7 @@ def test_sampling_before_set_timesteps():
 
 @pytest.mark.parametrize("name", SAMPLER_NAMES)
 def test_half_precision_latents_stay_in_their_dtype(name):
-    # The reference keeps latents in the working dtype (bf16/fp16) between steps (spec §5.4 step 5).
+    # The reference keeps latents in the working dtype (bf16/fp16) between steps (docs/numerics.md#latents-dtype).
     sampler = build_sampler(name, RELEASE_CONFIG)
     sampler.set_timesteps(5)
     latents = start_latents(sampler, unit_noise().to(torch.bfloat16))

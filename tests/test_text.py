@@ -1,6 +1,6 @@
 """T5 text encoding: prompt cleaning, tokenizer, loading every supported layout, cache, bad inputs.
 
-Every checkpoint is built here in tmp folders in the real layouts, with the tiny T5 of spec §9
+Every checkpoint is built here in tmp folders in the real layouts, with a tiny T5
 (d_model 32, 4 heads, 2 layers, vocab 32128) and a tiny sentencepiece model trained at test time.
 Our encodings are compared with transformers' own `T5EncoderModel` run directly on the same weights.
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import subprocess
 import sys
 
@@ -15,10 +16,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from easyanimate import cli
 from easyanimate.errors import CheckpointMismatchError, CorruptCheckpointError, EasyAnimateError, LayoutError
 from easyanimate.text import (
     T5PromptTokenizer,
     clean_caption_once,
+    describe_unknown_words,
     load_text_encoder,
     preprocess_prompt,
 )
@@ -177,7 +180,7 @@ def _reference_encode(model, tokenizer, text, max_length=120):
 
 
 # --------------------------------------------------------------------------------------------------
-# Prompt cleaning (spec §4.2)
+# Prompt cleaning
 # --------------------------------------------------------------------------------------------------
 
 # Expected values are what the reference cleaner (run twice, with beautifulsoup4 4.15 and ftfy 6.3)
@@ -219,6 +222,72 @@ CLEANING_CASES = [
 @pytest.mark.parametrize("text, expected", CLEANING_CASES, ids=range(len(CLEANING_CASES)))
 def test_prompt_cleaning_matches_reference(text, expected):
     assert preprocess_prompt(text) == expected
+
+
+# Worked out by hand from the reference's steps (two passes of: unquote_plus, strip + lower, URL
+# regexes, BeautifulSoup(...).text, @nicknames, CJK, dashes, quotes, ..., stray punctuation, " . ",
+# ftfy.fix_text, html.unescape twice, product codes, ..., "\s+" -> " ", strip). Each comment names
+# the steps that change the text; a step not named leaves it alone.
+LIBRARY_CASES = [
+    # HTML. lower; BeautifulSoup drops the tags and the <style> contents and decodes "&amp;" ->
+    # "a bold & italic cat"; "&" is stray punctuation -> " "; "\s+" -> " ".
+    ('<p>A <b>Bold</b> &amp; <i>italic</i> cat</p><style>p {color: red}</style>', "a bold italic cat"),
+    # HTML. A comment is not text, an attribute is not text, and <br/> adds no space:
+    # "a " + "red" + " " + " circle" + "moving"; "\s+" -> " ".
+    ('A <a href="x">Red</a> <!-- note --> Circle<br/>Moving', "a red circlemoving"),
+    # URL. The first URL regex removes "http://" (scheme alternative), then "example.com/x" (host
+    # alternative) -> "see  now"; "\s+" -> " ".
+    ("see http://example.com/x now", "see now"),
+    # URL. The host alternative stops at the first known top-level domain: "shop.example.co" goes,
+    # ".uk" stays -> "visit .uk today"; the "(\D[,\./])\b" rule then adds a space after " ." ->
+    # "visit . uk today". Second pass: " . " -> " ".
+    ("visit shop.example.co.uk today", "visit uk today"),
+    # Entities. lower; BeautifulSoup decodes "&amp;" and "&eacute;" -> "fish & chips in the été sun";
+    # "&" -> " "; "\s+" -> " ".
+    ("Fish &amp; Chips in the &eacute;t&eacute; sun", "fish chips in the été sun"),
+    # A double-escaped entity. BeautifulSoup decodes one level: "i &lt;3 cats"; "&" is stray
+    # punctuation -> "i  lt;3 cats" (no entity left for ftfy or html.unescape); "\s+" -> " ".
+    ("I &amp;lt;3 cats", "i lt;3 cats"),
+    # CJK. The CJK ranges (U+31C0..U+9FFF) remove 一只猫, 走路 and the enclosed ㈱; hiragana (ねこ) and
+    # hangul (고양이) are outside them and stay; "\s+" -> " "; strip.
+    ("一只猫 A Cat 走路 ねこ 고양이 ㈱", "a cat ねこ 고양이"),
+    # Mojibake: “hello” written as UTF-8 and read as Windows-1252. Lower-casing leaves "â€œ" and
+    # "â€\x9d" alone, no regex touches them; ftfy.fix_text repairs them to “ and ” and straightens both
+    # to '"'.
+    ("â€œhelloâ€\x9d world", '"hello" world'),
+    # Mojibake of "…" (bytes E2 80 A6): ftfy repairs "â€¦" -> "…"; the ellipsis rule only knows "..".
+    ("waitâ€¦ what", "wait… what"),
+    # Mojibake of "café": lower turns its "Ã" into "ã" before ftfy runs, so ftfy no longer recognises
+    # it; "©" is stray punctuation -> " "; "\s+" -> " ". The reference does not repair this one.
+    ("CafÃ© au lait", "cafã au lait"),
+    # Mojibake of "don’t" (E2 80 99 -> "â€™"): "™" is stray punctuation -> "donâ€ t stop"; ftfy then
+    # reads "â€ " as the mojibake of "†" (E2 80 A0, with A0, a no-break space, typed as a space).
+    ("donâ€™t stop", "don†t stop"),
+]
+
+
+@pytest.mark.parametrize("text, expected", LIBRARY_CASES, ids=range(len(LIBRARY_CASES)))
+def test_prompt_cleaning_steps_worked_by_hand(text, expected):
+    assert preprocess_prompt(text) == expected
+
+
+def test_cleaning_imports_its_libraries_only_when_used():
+    code = ("import sys, easyanimate.text as t; before = {'ftfy', 'bs4'} & set(sys.modules); "
+            "t.preprocess_prompt('<b>x</b>'); print(sorted(before), sorted({'ftfy', 'bs4'} & set(sys.modules)))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[] ['bs4', 'ftfy']"
+
+
+def test_path_like_prompt_gives_no_beautifulsoup_warning(recwarn):
+    from bs4 import BeautifulSoup, MarkupResemblesLocatorWarning
+
+    # bs4 warns that "a/b/c.txt" looks like a file name passed by mistake; a prompt is text.
+    with pytest.warns(MarkupResemblesLocatorWarning):
+        BeautifulSoup("a/b/c.txt", features="html.parser")
+    recwarn.clear()
+    # "/" is stray punctuation -> "a b c.txt"; "(\D[,\./])\b" adds a space after "c." -> "a b c. txt".
+    assert preprocess_prompt("a/b/c.txt") == "a b c. txt"
+    assert not [w for w in recwarn if issubclass(w.category, MarkupResemblesLocatorWarning)]
 
 
 def test_cleaning_off_only_lowercases_and_strips():
@@ -272,6 +341,38 @@ def test_tokenizer_special_tokens(tokenizer_dir):
     assert ids == tokenizer.sp.encode("a") + [base + 99] + tokenizer.sp.encode("cat") + [1]
     full, mask = tokenizer(["a cat</s>"], 8)
     assert full[0].tolist().count(1) == 1  # no second </s> when the text already ends with one
+
+
+# --------------------------------------------------------------------------------------------------
+# Words the vocabulary lacks (the demo model's word-level vocabulary is small)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_tokenizer_names_the_words_it_cannot_spell():
+    tokenizer = T5PromptTokenizer.from_path(cli.demo_model_path())
+    # The demo knows "a", "red", "circle", "moving", "left", ... as whole words. "banana" and the made-up
+    # "zorblax" are not among them, nor is "left," (punctuation glued to a word makes another word).
+    assert tokenizer.unknown_words("a red banana moving left, zorblax banana") == ["banana", "left,", "zorblax"]
+    assert tokenizer.unknown_words("a red circle moving left on a black background") == []
+    assert tokenizer.unknown_words("a <unk> circle") == []  # a special token typed in is not a word
+
+
+def test_encoder_reports_unknown_words(caplog):
+    encoder = load_text_encoder(cli.demo_model_path(), dtype="fp32")
+    with caplog.at_level(logging.WARNING, logger="easyanimate.text"):
+        text = encoder.encode("A Red ZORBLAX moving left", negative_prompts="blurry, ugly")
+    # Words are reported as the tokenizer sees them: cleaned, so lower-cased.
+    assert text.unknown_words == ("zorblax",)
+    assert text.negative_unknown_words == ("blurry,", "ugly")
+    assert 'In the prompt, the model\'s vocabulary has no "zorblax"; that word is ignored.' in caplog.text
+    assert 'In the negative prompt, the model\'s vocabulary has no "blurry,", "ugly"' in caplog.text
+    assert encoder.unknown_words(["a red circle", "a zorblax"]) == ("zorblax",)  # the tokenizer alone
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="easyanimate.text"):
+        known = encoder.encode("a red circle moving left")
+    assert known.unknown_words == () and known.negative_unknown_words == () and not caplog.records
+    assert describe_unknown_words(("banana", "xyz")) == (
+        'the model\'s vocabulary has no "banana", "xyz"; those words are ignored')
 
 
 # --------------------------------------------------------------------------------------------------
@@ -350,7 +451,7 @@ def test_cache_skips_the_model_on_repeat(release_dir):
     assert len(calls) == 2
     again = encoder.encode("A cat in the snow -", "blurry")
     assert len(calls) == 2  # nothing re-encoded
-    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert all(torch.equal(a, b) for a, b in zip(first[:4], again[:4]))  # embeds and masks
     encoder.encode("  a cat in the snow")  # cleans to the same text: same tokens, same cache entry
     assert len(calls) == 2
     encoder.encode("A cat in the snow -", clean_caption=False)  # "a cat in the snow -" reaches the tokenizer

@@ -4,10 +4,12 @@
 so these modules keep them. Attention runs through `scaled_dot_product_attention`, which picks the
 memory-efficient kernel the device offers.
 
-Memory: the feed-forward runs over the tokens in row chunks whose inner activation stays under
-`FEED_FORWARD_CHUNK_BYTES` (rows are independent, so the result is the same); `query_chunks(n)` makes
-every attention in its scope process at most n queries at a time (used under a memory budget, for
-devices whose SDPA kernel would materialise the full score matrix).
+Memory: under a memory budget the transformer sets two limits for its forward's scope (context
+variables, so nothing is stored on the modules): `feed_forward_chunks(n)` makes every feed-forward run
+over the tokens in row chunks whose inner activation stays under n bytes, and `query_chunks(n)` makes
+every attention process at most n queries at a time (for devices whose SDPA kernel would materialise
+the full score matrix). Rows and queries are independent, so the results are the same. Outside such a
+scope (no budget) both run whole: smaller matrix products cost time, and no one asked for the memory.
 """
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -16,12 +18,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# Largest inner (4x wide, GEGLU 8x) feed-forward activation computed at once, and the fewest rows a
-# chunk gets (the matrix products stay efficient and give the same numbers as the whole batch).
+# When a budget asks for feed-forward chunks: the largest inner (4x wide, GEGLU 8x) activation a chunk
+# computes at once, and the fewest rows a chunk gets (the matrix products stay efficient and give the
+# same numbers as the whole batch).
 FEED_FORWARD_CHUNK_BYTES = 8 * 2**20
 MIN_CHUNK_ROWS = 128
 
 _QUERY_CHUNK: ContextVar = ContextVar("easyanimate_query_chunk", default=None)
+_FEED_FORWARD_BYTES: ContextVar = ContextVar("easyanimate_feed_forward_bytes", default=None)
 
 
 @contextmanager
@@ -32,6 +36,17 @@ def query_chunks(rows: int | None):
         yield
     finally:
         _QUERY_CHUNK.reset(token)
+
+
+@contextmanager
+def feed_forward_chunks(max_bytes: int | None):
+    """Within the block, each feed-forward computes its inner activation for at most `max_bytes` (and
+    `FEED_FORWARD_CHUNK_BYTES`) at a time, in chunks of at least `MIN_CHUNK_ROWS` rows; None: all rows at once."""
+    token = _FEED_FORWARD_BYTES.set(max_bytes)
+    try:
+        yield
+    finally:
+        _FEED_FORWARD_BYTES.reset(token)
 
 
 class Attention(nn.Module):
@@ -92,17 +107,17 @@ class FeedForward(nn.Module):
     def __init__(self, dim, gated=False, mult=4, dtype=None, device=None, operations=nn):
         super().__init__()
         inner = dim * mult
+        self.inner_width = inner * 2 if gated else inner  # the widest activation: the first layer's output
         first = (GEGLU if gated else GELUProjection)(dim, inner, dtype=dtype, device=device, operations=operations)
         # Index 1 held a Dropout in the reference; keeping the slot keeps the `net.2` key name.
         self.net = nn.ModuleList([first, nn.Identity(), operations.Linear(inner, dim, bias=True, dtype=dtype, device=device)])
 
     def forward(self, x):
-        proj = self.net[0].proj
-        inner = getattr(proj, "out_features", None) or getattr(getattr(proj, "base", None), "out_features", None)
-        if inner is None:  # a wrapped layer of unknown width: no chunking
+        limit = _FEED_FORWARD_BYTES.get()
+        if limit is None:
             return self._rows(x)
         rows = x.numel() // x.shape[-1]
-        chunk = max(MIN_CHUNK_ROWS, FEED_FORWARD_CHUNK_BYTES // (inner * x.element_size()))
+        chunk = max(MIN_CHUNK_ROWS, min(limit, FEED_FORWARD_CHUNK_BYTES) // (self.inner_width * x.element_size()))
         if rows <= chunk:
             return self._rows(x)
         flat = x.reshape(rows, x.shape[-1])

@@ -1,7 +1,7 @@
 """Input embeddings of the EasyAnimate DiT: patches, 2-D positions, timesteps, captions, CLIP image.
 
 These follow PixArt-alpha (diffusers `PatchEmbed`, `AdaLayerNormSingle`, `PixArtAlphaTextProjection`),
-including the float-precision details that change bits (spec §2.3-2.5).
+including the float-precision details that change bits (docs/numerics.md#transformer).
 """
 import math
 

@@ -1,4 +1,4 @@
-"""The motion module: attention across frames, inserted into every DiT block (spec §2.7).
+"""The motion module: attention across frames, inserted into every DiT block (docs/numerics.md#motion-module).
 
 One `MotionModule` per block, under the checkpoint key `attn_temporal`. It normalises each frame,
 projects, runs attention sub-blocks whose mode is

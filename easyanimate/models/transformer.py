@@ -1,4 +1,4 @@
-"""The EasyAnimate diffusion transformer (V1, V2 and V3 in one implementation; spec §2).
+"""The EasyAnimate diffusion transformer (V1, V2 and V3 in one implementation; docs/numerics.md#transformer).
 
 A PixArt-alpha DiT whose blocks each carry a motion module:
 
@@ -12,11 +12,14 @@ Family differences are settings in `TransformerConfig` (loaded from JSON presets
 Memory: position tables are computed per call, never stored; activations are dropped as soon as they are
 used (the U-ViT skips live exactly as long as their receiving block needs them). With `memory_budget`
 (bytes; `easyanimate.memory.transformer_budget` sets it for a block) the forward runs the CFG batch in
-chunks and attention over query chunks sized to fit (`plan_chunks`), with the same results.
+chunks, attention over query chunks and the feed-forward layers over row chunks sized to fit
+(`plan_chunks`, `plan_feed_forward`), with the same results; without a budget nothing is chunked (but
+what a caller's own `query_chunks` / `feed_forward_chunks` scope asks for).
 """
 from __future__ import annotations
 
 import json
+from contextlib import ExitStack
 from dataclasses import dataclass, field, fields
 from importlib import resources
 
@@ -25,13 +28,13 @@ import torch.nn as nn
 from einops import rearrange
 
 from ..errors import EasyAnimateError
-from .attention import Attention, FeedForward, layer_norm, query_chunks
+from .attention import Attention, FeedForward, feed_forward_chunks, layer_norm, query_chunks
 from .embeddings import AdaLNSingle, MLPEmbedder, PatchEmbed
 from .motion import MotionModule
 
 FAMILIES = ("v1", "v2", "v3")
 
-# U-ViT wiring of the reference, independent of the number of blocks (spec §2.8).
+# U-ViT wiring of the reference, independent of the number of blocks (docs/numerics.md#u-vit-long-skips).
 UVIT_PUSHES = 13  # outputs of blocks 0..12 are kept
 UVIT_FIRST_POP = 15  # blocks 15.. receive one each, last in first out
 
@@ -212,25 +215,66 @@ class EasyAnimateTransformer3D(nn.Module):
         self.proj_out = operations.Linear(dim, cfg.patch_size**2 * cfg.out_channels, bias=True, dtype=dtype, device=device)
         self.memory_budget: int | None = None  # bytes of activations a forward may use; None = no limit
 
+    # Working copies of the token activations a block holds at its peak (normalised input, attention
+    # projections, feed-forward input and output), besides the U-ViT skips that wait for their block.
+    WORKING_COPIES = 8
+
+    def activation_bytes(self, batch: int, frames: int, height: int, width: int,
+                         attention_queries: int | None = None) -> int:
+        """Estimated peak activation memory of one forward on latents (batch, C, frames, height, width).
+
+        Every token activation of the pass (the U-ViT skips plus `WORKING_COPIES` in a block) and, when
+        attention runs over chunks of `attention_queries` queries, one chunk's score matrix for every head of
+        the global attention (a kernel without a memory-efficient path allocates it; None: attention keeps
+        no score matrix, as the memory-efficient kernels do). The one estimate the hosts load models with
+        and the memory budget plans chunks with (`plan_chunks`).
+        """
+        cfg = self.config
+        tokens = frames * (height // cfg.patch_size) * (width // cfg.patch_size)
+        element = self._element_size()
+        per_row = tokens * cfg.hidden_size * element * ((UVIT_PUSHES if cfg.enable_uvit else 0) + self.WORKING_COPIES)
+        scores = 0
+        if attention_queries is not None:
+            heads = max(s["num_attention_heads"] for s in cfg.motion_modules)
+            scores = batch * heads * min(attention_queries, tokens) * tokens * element
+        return batch * per_row + scores
+
+    def _element_size(self) -> int:
+        return torch.finfo(self.dtype).bits // 8 if self.dtype.is_floating_point else 4
+
     def plan_chunks(self, batch: int, frames: int, height: int, width: int, budget: int | None = None):
         """(batch rows per pass, attention queries per call or None) for latents of this shape under `budget`.
 
-        The estimate: every token activation of a pass (the U-ViT skips plus about eight working copies
-        in a block) and, for the global attention, a full score matrix per head (what a kernel without
-        a memory-efficient path allocates). Without a budget: the whole batch, all queries.
+        Half the budget goes to the token activations of as many batch rows as fit (`activation_bytes`
+        of one row), the rest to attention score chunks. Without a budget: the whole batch, all queries.
         """
         budget = self.memory_budget if budget is None else budget
         if budget is None:
             return batch, None
         cfg = self.config
         tokens = frames * (height // cfg.patch_size) * (width // cfg.patch_size)
-        element = torch.finfo(self.dtype).bits // 8 if self.dtype.is_floating_point else 4
-        per_row = tokens * cfg.hidden_size * element * ((UVIT_PUSHES if cfg.enable_uvit else 0) + 8)
+        per_row = self.activation_bytes(1, frames, height, width)
         rows = max(1, min(batch, int(budget // 2 // per_row)))
         left = max(budget - rows * per_row, budget // 4)
-        heads = max(s["num_attention_heads"] for s in cfg.motion_modules)
-        queries = int(left // (rows * heads * tokens * element))
+        scores_per_query = self.activation_bytes(rows, frames, height, width, attention_queries=1) - rows * per_row
+        queries = int(left // scores_per_query)
         return rows, (None if queries >= tokens else max(64, queries))
+
+    def plan_feed_forward(self, rows: int, frames: int, height: int, width: int, budget: int | None = None):
+        """Bytes of inner activation a feed-forward computes at once in a pass of `rows` batch rows under
+        `budget` (`feed_forward_chunks`), or None: all rows at once.
+
+        None without a budget, and when a pass's widest feed-forward activation (the GEGLU's, 8x wide) fits
+        in the half of the budget that the token activations leave; otherwise that half.
+        """
+        budget = self.memory_budget if budget is None else budget
+        if budget is None:
+            return None
+        p = self.config.patch_size
+        element = torch.finfo(self.dtype).bits // 8 if self.dtype.is_floating_point else 4
+        widest = max((m.inner_width for m in self.modules() if isinstance(m, FeedForward)), default=0)
+        whole = rows * frames * (height // p) * (width // p) * widest * element
+        return None if whole <= budget // 2 else budget // 2
 
     def forward(
         self,
@@ -251,9 +295,14 @@ class EasyAnimateTransformer3D(nn.Module):
         self._check_inputs(x, encoder_hidden_states, inpaint_latents, clip_encoder_hidden_states)
         b = x.shape[0]
         rows, queries = self.plan_chunks(b, *x.shape[2:])
+        feed_forward_bytes = self.plan_feed_forward(rows, *x.shape[2:])
         args = (x, timestep, encoder_hidden_states, encoder_attention_mask, inpaint_latents,
                 clip_encoder_hidden_states, clip_attention_mask)
-        with query_chunks(queries):
+        with ExitStack() as scope:  # what the budget plans; without one, a caller's own limits stay in force
+            if queries is not None:
+                scope.enter_context(query_chunks(queries))
+            if feed_forward_bytes is not None:
+                scope.enter_context(feed_forward_chunks(feed_forward_bytes))
             if rows >= b:
                 return self._forward(*args)
             out = None

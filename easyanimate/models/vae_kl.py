@@ -1,4 +1,4 @@
-"""The SD `AutoencoderKL` (2-D) that EasyAnimate V1 applies to video frame by frame (spec §3.1).
+"""The SD `AutoencoderKL` (2-D) that EasyAnimate V1 applies to video frame by frame.
 
 State-dict names are diffusers' (`encoder.down_blocks.{i}.resnets.{j}.…`, mid-block attention
 `to_q/to_k/to_v/to_out.0`). Files written by old diffusers versions name the attention projections

@@ -1,4 +1,4 @@
-"""The MagViT-style causal 3-D VAE of EasyAnimate V2 and V3 (spec §3.2).
+"""The MagViT-style causal 3-D VAE of EasyAnimate V2 and V3 (docs/numerics.md#vae).
 
 One network serves both families; only the way it is driven over time differs, and that lives in
 `easyanimate/vae.py`. Here every forward takes the temporal padding `mode` of the chunk it is given

@@ -1,4 +1,4 @@
-"""MuLTI video-and-language understanding (Xu et al., AAAI 2024; our reconstruction: shared/spec/multi.md).
+"""MuLTI video-and-language understanding (Xu et al., AAAI 2024; our reconstruction: docs/numerics.md#multi).
 
 Importing this package is cheap: `transformers` is imported only when a model is built. Map:
 

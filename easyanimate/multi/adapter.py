@@ -1,4 +1,4 @@
-"""v1 attention-based adapter on the shallow encoder features (spec §1.7; off by default).
+"""v1 attention-based adapter on the shallow encoder features (docs/numerics.md#adapter; off by default).
 
 The first `n_frozen` layers of an encoder (and its embeddings) are frozen: their parameters do not
 require gradients, so autograd keeps no activations for them, which is where the memory saving comes

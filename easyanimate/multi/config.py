@@ -1,4 +1,4 @@
-"""MuLTI configuration: one JSON file describes a whole model (spec §1, §6).
+"""MuLTI configuration: one JSON file describes a whole model (docs/numerics.md#multi).
 
     config = load_config("easyanimate/multi/configs/multi-tiny.json")   # or a preset name: load_config("multi-tiny")
     config.sampler.grid, config.text["hidden_size"]
@@ -30,7 +30,7 @@ VIDEO_ATTENTIONS = ("frame", "joint")
 
 @dataclass
 class SamplerConfig:
-    """The Text-Guided MultiWay-Sampler (spec §1.5, §1.6) or the flatten baseline."""
+    """The Text-Guided MultiWay-Sampler (v2, or its v1 variant) or the flatten baseline."""
 
     layers: int = 4  # K: layer 1 samples (cross-attends to the full sequences), layers 2..K fuse
     heads: int = 12
@@ -64,7 +64,7 @@ class SamplerConfig:
 
 @dataclass
 class AdapterConfig:
-    """v1 attention-based adapter on the shallow encoder features (spec §1.7); off by default."""
+    """v1 attention-based adapter on the shallow encoder features (docs/numerics.md#adapter); off by default."""
 
     enable: bool = False
     n_frozen_vision: int = 6  # embeddings + this many ViT layers are frozen; the adapter sits after them
@@ -200,8 +200,6 @@ def load_config(path_or_name: str | os.PathLike) -> MuLTIConfig:
     if not path.is_file():
         presets = sorted(p.stem for p in PRESET_DIR.glob("*.json"))
         raise EasyAnimateError(f"No MuLTI config at '{path_or_name}' (a JSON file, a model folder, or one of {presets}).")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise EasyAnimateError(f"'{path}' is not valid JSON: {err}.") from None
-    return MuLTIConfig.from_dict(data)
+    from ..checkpoint import read_json_config
+
+    return MuLTIConfig.from_dict(read_json_config(path, what="MuLTI config"))

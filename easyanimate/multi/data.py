@@ -1,4 +1,4 @@
-"""Synthetic video-language data for MuLTI (spec §7.2), built on `easyanimate.train.synthetic`.
+"""Synthetic video-language data for MuLTI, built on `easyanimate.train.synthetic`.
 
 Each clip is one shape moving in a straight line, fully described by five attributes:
 
@@ -66,10 +66,10 @@ MC_QUESTIONS = {
 MC_TYPES = tuple(MC_QUESTIONS)
 OPEN_QUESTIONS = {**MC_QUESTIONS, "speed": "how fast does it move?"}
 OPEN_TYPES = tuple(OPEN_QUESTIONS)
-# Pretraining MCM (spec §2.2): a template question, 4 captions as options.
+# Pretraining MCM (multiple-choice modelling): a template question, 4 captions as options.
 MCM_QUESTIONS = ("what does the video show?", "which description matches the video?",
                  "what is happening in the video?")
-# Tagging reads the video with this fixed text (the model fuses video with some text; spec §3.4).
+# Tagging reads the video with this fixed text (the model always fuses the video with some text).
 TAG_PROMPT = ""
 TAGS = tuple(f"{v}" for values in ATTRIBUTES.values() for v in values)
 ANSWERS = TAGS  # every attribute value is also an open-QA answer

@@ -192,7 +192,7 @@ def evaluate_bundle(bundle, clips, specs, *, rerank_k: int = 16, batch: int = 32
     """All metrics on an evaluation set (uint8 clips (N, F, H, W, 3) and their MultiClip specs).
 
     retrieval: text-to-video over the whole set with each clip's canonical caption as its query
-    (VTC ranking, then VTM re-ranking of the top `rerank_k`: score = VTM prob + VTC cosine, spec §3.1);
+    (VTC ranking, then VTM re-ranking of the top `rerank_k`: score = VTM prob + VTC cosine);
     mc: each clip x each MC question type, 4 options; open: each clip x each open question type;
     tags: macro mAP over the tags, and micro-F1 at 0.5."""
     model, tokenizer, config = bundle.model, bundle.tokenizer, bundle.config

@@ -1,4 +1,4 @@
-"""Pretraining and fine-tuning losses (spec §2, §3).
+"""Pretraining and fine-tuning losses (docs/numerics.md#losses-and-heads).
 
 * VTC: symmetric InfoNCE on the unimodal embeddings, f_v · f_t / tau.
 * VTM: for every positive pair, one hard-negative text per video and one hard-negative video per text,

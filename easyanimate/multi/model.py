@@ -1,4 +1,4 @@
-"""MuLTI: a per-frame ViT, a BERT text encoder, the Text-Guided MultiWay-Sampler, and task heads (spec §1-§3).
+"""MuLTI: a per-frame ViT, a BERT text encoder, the Text-Guided MultiWay-Sampler, and task heads.
 
     model = MuLTI(load_config("multi-tiny"))
     video = model.encode_video(frames)                  # (B, T, 1 + N, d), temporal embedding added
@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import CheckpointMismatchError
+from ..errors import CheckpointMismatchError, EasyAnimateError, check_finite
 from ..models.embeddings import sincos_1d
 from .adapter import AttentionAdapter, freeze_and_attach
 from .config import MuLTIConfig
@@ -200,8 +200,14 @@ class MuLTI(nn.Module):
         """frames (B, T, 3, S, S), normalised (preprocess.prepare_frames) -> (B, T, 1 + N, d).
 
         The ViT sees each frame on its own; the temporal embedding is added to every token of frame t
-        afterwards. Cross-frame mixing happens in the sampler (spec §1.2) and, with `config.temporal_layers`,
+        afterwards. Cross-frame mixing happens in the sampler (as in the paper) and, with `config.temporal_layers`,
         in a small transformer over the frame [CLS] tokens, which replace the [CLS] tokens of the output."""
+        if not isinstance(frames, torch.Tensor) or frames.dim() != 5 or frames.shape[2] != 3:
+            got = tuple(frames.shape) if isinstance(frames, torch.Tensor) else type(frames).__name__
+            raise EasyAnimateError(
+                f"MuLTI.encode_video takes normalised frames (B, T, 3, S, S) from prepare_frames; got {got}."
+            )
+        check_finite(frames, "MuLTI video frames")  # NaN frames would make every score NaN
         B, T = frames.shape[:2]
         k = self.config.frame_context
         if k:  # each frame with its k neighbours each side, stacked as channels (edges repeat)
@@ -318,9 +324,9 @@ class MuLTI(nn.Module):
         return report
 
     def init_sampler_from_text(self, which: str = "last") -> int:
-        """Copy BERT layer weights into the sampler's attention and both FFNs of every layer (spec §1.5:
-        "shared attention and FFNs from BERT layers 1..K or the last K"). LayerNorms stay as they are
-        (BERT is post-LN, the sampler pre-LN). Returns the number of layers copied."""
+        """Copy BERT layer weights into the sampler's attention and both FFNs of every layer (from BERT
+        layers 1..K or the last K; both FFNs start from the same BERT FFN, as in VLMo). LayerNorms stay as
+        they are (BERT is post-LN, the sampler pre-LN). Returns the number of layers copied."""
         bert = {hub: self.text_encoder.state_dict()[native] for native, hub in hub_layout(self.text_encoder).items()}
         count = int(self.config.text.get("num_hidden_layers", 12))
         layers = self.fusion.layers

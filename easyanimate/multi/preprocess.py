@@ -1,4 +1,4 @@
-"""Frames in, model input out (spec §1.2): sparse segment sampling, resize + crop, normalise.
+"""Frames in, model input out: sparse segment sampling, resize + crop, normalise.
 
     frames = prepare_frames(video, config)                      # video (T, H, W, 3) or (B, T, H, W, 3) in [0, 1]
     frames.shape == (B, config.num_frames, 3, config.image_size, config.image_size)
@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from ..errors import check_finite
 
 
 def sample_frame_indices(total: int, count: int, train: bool = False,
@@ -57,6 +59,7 @@ def prepare_frames(video, config, train: bool = False, generator: torch.Generato
         video = video.unsqueeze(0)
     if video.dim() != 5 or video.shape[-1] != 3:
         raise ValueError(f"expected frames (T, H, W, 3) or (B, T, H, W, 3), got {tuple(video.shape)}")
+    check_finite(video, "MuLTI input video")  # NaN frames would make every score NaN
     count = num_frames or config.num_frames
     size = config.image_size
     mean = torch.tensor(config.image_mean).view(1, 3, 1, 1)

@@ -1,4 +1,4 @@
-"""The Text-Guided MultiWay-Sampler (spec §1.5, v1 variant §1.6) and the flatten-fusion baseline.
+"""The Text-Guided MultiWay-Sampler (v2 and its v1 variant; docs/numerics.md#multi) and the flatten-fusion baseline.
 
 The sampler is MuLTI's fusion module. It never runs attention over the long concatenation of all video
 patch tokens and text tokens. Instead:
@@ -112,7 +112,7 @@ def pool_blocks(tokens: torch.Tensor, index: torch.Tensor, valid: torch.Tensor,
 
 
 def condense_text_tokens(text: torch.Tensor, mask: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[CLS] + (keep - 1) slots for text longer than `keep` tokens (spec §1.5 step 3).
+    """[CLS] + (keep - 1) slots for text longer than `keep` tokens (docs/numerics.md#text-condensation).
 
     Blocks are taken over each sample's *valid* tokens (the mask), so padding never changes the result.
     A sample whose tokens fit keeps them one per slot, unchanged (the remaining slots are masked); a

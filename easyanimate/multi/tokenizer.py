@@ -1,5 +1,5 @@
-"""A word-level BERT tokenizer for the synthetic vocabulary (spec §7.2: "word-level tokenizer over a
-~200-word synthetic vocabulary").
+"""A word-level BERT tokenizer for the synthetic vocabulary (the tiny configuration: a word-level tokenizer
+over a ~200-word synthetic vocabulary).
 
     tokenizer = build_tokenizer(vocabulary_words(), folder)   # writes vocab.txt + tokenizer.json
     tokenizer = load_tokenizer(folder)                        # transformers BertTokenizerFast
@@ -24,14 +24,20 @@ def _bert_class():
     return BertTokenizerFast
 
 
-def _split_words(texts) -> list[str]:
-    """Lower-cased words and punctuation marks, as the BERT pre-tokenizer splits them."""
-    import re
+def _bert_normalizer():
+    from tokenizers import normalizers
 
-    words = []
-    for text in texts:
-        words += re.findall(r"[a-z0-9]+|[^\sa-z0-9]", text.lower())
-    return words
+    return normalizers.BertNormalizer(lowercase=True, clean_text=True, handle_chinese_chars=True)
+
+
+def _split_words(texts) -> list[str]:
+    """Words and punctuation marks as the tokenizer itself will see them: normalised (lower-cased, accents
+    stripped) and split by the same BERT normalizer and pre-tokenizer, so every vocabulary entry is a unit
+    the tokenizer can look up ("Café" is the word "cafe", not "caf" + "é")."""
+    from tokenizers import pre_tokenizers
+
+    normalizer, pre_tokenizer = _bert_normalizer(), pre_tokenizers.BertPreTokenizer()
+    return [word for text in texts for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text))]
 
 
 def build_tokenizer(words, folder=None):
@@ -51,10 +57,10 @@ def build_tokenizer(words, folder=None):
 
 
 def _from_vocab(vocab: dict):
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
     core = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
-    core.normalizer = normalizers.BertNormalizer(lowercase=True, clean_text=True, handle_chinese_chars=True)
+    core.normalizer = _bert_normalizer()
     core.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     cls, sep = vocab["[CLS]"], vocab["[SEP]"]
     core.post_processor = processors.TemplateProcessing(

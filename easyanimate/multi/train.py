@@ -1,5 +1,5 @@
-"""Training MuLTI on the synthetic clips: pretraining (VTC + VTM + MLM + MCM, spec §2) and finetuning for
-retrieval, multiple-choice + open-ended QA and tagging (spec §3), resumable, with a progress bar.
+"""Training MuLTI on the synthetic clips: pretraining (VTC + VTM + MLM + MCM) and finetuning for
+retrieval, multiple-choice + open-ended QA and tagging, resumable, with a progress bar.
 
     python -m easyanimate multi-train all --out RUN          # pretrain, then finetune all tasks jointly
     python -m easyanimate multi-train pretrain --out RUN
@@ -16,13 +16,13 @@ each stage has its own warm-up + cosine learning rate. The step counter runs acr
 hard negatives, questions, MCM distractors) comes from generators seeded by (seed, s), so a resumed run
 makes exactly the batches an unbroken one would.
 
-MCM items (spec §2.2, our choice of distractors, `mcm_distractors`):
+MCM items (our choice of distractors, `mcm_distractors`):
     "hard":  3 captions of other batch clips, drawn in proportion to their VTC similarity to the video
-             (softmax, the clip itself and clips with the same caption excluded) - the spec default;
+             (softmax, the clip itself and clips with the same caption excluded) - MCM as we reconstruct it;
     "swap":  3 captions of the clip itself with one attribute replaced (colour, shape, direction,
              background or speed) - fine-grained distractors that a bag-of-words match cannot reject;
     "mixed": each distractor slot is "swap" or "hard" with probability 1/2 (default: the hard negatives
-             keep the spec's task, the swapped ones teach per-attribute alignment, which MC-QA needs).
+             keep the reconstructed task, the swapped ones teach per-attribute alignment, which MC-QA needs).
 Options are `[CLS] question [SEP] caption [SEP]` with a template question (data.MCM_QUESTIONS), the same
 format as the downstream multiple-choice questions.
 """

@@ -1,6 +1,6 @@
 """What the five samplers share: the training noise schedule, timestep spacing, config resolution.
 
-EasyAnimate was trained as a DDPM with 1000 steps and linear betas (spec §5.1); every sampler walks
+EasyAnimate was trained as a DDPM with 1000 steps and linear betas 1e-4 ... 0.02; every sampler walks
 that same schedule, only the choice of timesteps and the update rule differ. The numbers must match
 diffusers 0.28.2 bit for bit where the reference pipelines used it, so tables are built with the
 same dtypes and the same numpy/torch operations (float32 betas, numpy `linspace`/`interp`/`round`).
@@ -61,7 +61,7 @@ def check_supported(config: dict, supported: dict, sampler_name: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Training noise schedule (spec §5.1)
+# Training noise schedule (docs/numerics.md#training-noise-schedule)
 # ----------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
     python -m easyanimate train-dit --data DATA --vae VAE_RUN --text TEXT_RUN --out RUN --steps 5000
 
-What one step does (spec §5.1; the objective of IDDPM / PixArt that EasyAnimate's scripts use):
+What one step does (the objective of IDDPM / PixArt that EasyAnimate's scripts use):
   1. x0 = VAE latents of a batch (posterior samples x scaling factor), cached once per data set;
   2. t ~ U{0..999}, noise ~ N(0, 1), x_t = sqrt(a_t) x0 + sqrt(1 - a_t) noise (linear betas 1e-4..0.02);
   3. the model sees x_t + the 8 inpaint channels [mask latents, masked-video latents] + the caption's
@@ -44,7 +44,7 @@ from .common import (EMA, LossLog, Progress, count_parameters, load_checkpoint, 
 # feed-forward; 12 input channels (4 noisy + 4 mask + 4 masked-video latents); 8 outputs (eps +
 # learned variance); the CLIP projection. Patch 1 on the 8x8 latent grid of 64 px frames.
 # U-ViT is off: its skips only connect blocks 0..12 to blocks 15.., so an 8-block model would carry
-# 13 unused layers (see spec §9).
+# 13 unused layers (docs/numerics.md#u-vit-long-skips).
 DEMO_DIT_OVERRIDES = {
     "num_layers": 8,
     "num_attention_heads": 2,
@@ -58,7 +58,7 @@ DEMO_DIT_OVERRIDES = {
     "motion_module_kwargs_odd": {"num_attention_heads": 4, "temporal_position_encoding_max_len": 64},
 }
 
-# The released V3 scheduler/scheduler_config.json (a DPM-Solver config, spec §5.2).
+# The released V3 scheduler/scheduler_config.json (a DPM-Solver config; docs/numerics.md#two-configuration-routes).
 SCHEDULER_CONFIG = {
     "_class_name": "DPMSolverMultistepScheduler",
     "_diffusers_version": "0.22.0.dev0",

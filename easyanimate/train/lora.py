@@ -1,4 +1,4 @@
-"""LoRA training for the EasyAnimate transformer, written in the EasyAnimate (kohya) file format (spec §6.1).
+"""LoRA training for the EasyAnimate transformer, in the EasyAnimate (kohya) file format (docs/numerics.md#key-names).
 
     python -m easyanimate train-lora --model RELEASE --data DATA --out RUN --steps 600
 

@@ -101,7 +101,8 @@ def test_an_exception_mid_run_leaves_the_model_exactly_as_before(model, fail_at)
 
 
 def test_interrupt_from_the_sampler_callback_leaves_the_model_as_before(model):
-    from easyanimate.memory import MemoryOptions, MemoryPlan
+    from easyanimate.host import StandaloneHost
+    from easyanimate.memory import MemoryOptions
     from easyanimate.pipeline import Conditioning, generate
     from easyanimate.sampling import SamplingCancelled
     from easyanimate.vae import build_vae
@@ -113,9 +114,10 @@ def test_interrupt_from_the_sampler_callback_leaves_the_model_as_before(model):
     snapshot = _snapshot(model)
     vae_snapshot = {k: v.data_ptr() for k, v in vae.model.state_dict().items()}
     manager = DeviceManager("cpu", "cpu", copy_same_device=True)
-    plan = MemoryPlan(MemoryOptions("block-swap", swap_blocks=2), manager=manager)
+    host = StandaloneHost(MemoryOptions("block-swap", swap_blocks=2), manager=manager)
     with pytest.raises(SamplingCancelled):
-        generate(model, vae, text, text, frames=8, height=16, width=16, steps=3, seed=0, memory=plan,
+        generate(model, vae, text, text, frames=8, height=16, width=16, steps=3, seed=0,
+                 placement=host.placement(transformer=model, vae=vae.model),
                  callback=lambda done, total, latents: done < 2)
     assert not manager.resident
     _assert_unchanged(model, snapshot)

@@ -18,6 +18,28 @@ def test_generate_help_documents_the_memory_options(capsys):
         assert option in out
 
 
+def _smallest_budget_mb(frames: int) -> float:
+    """The smallest memory budget the pack accepts for the demo model's default size at `frames` frames."""
+    from easyanimate.pipeline import load_model, stages_for
+
+    model = load_model(DEMO, dtype="fp32", text_encoder=False)
+    defaults = cli.generation_defaults(DEMO)
+    stages = stages_for(model.transformer, model.vae)
+    request = stages.request(frames=frames, height=defaults["height"], width=defaults["width"],
+                             guidance_scale=defaults["guidance_scale"])
+    return stages.memory_estimate(request).budget_minimum / 2**20
+
+
+@needs_demo
+def test_a_budget_below_what_the_request_needs_is_refused_before_sampling(tmp_path, capsys):
+    budget = _smallest_budget_mb(frames=8) / 2
+    out = tmp_path / "refused.png"
+    code = cli.main(["generate", "--prompt", "a red circle", "--frames", "8", "--steps", "2", "--quiet",
+                     "--memory-budget", f"{budget:.6f}", "--out", str(out)])
+    assert code == 2 and "memory budget" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
 def _frames(folder, name):
     return np.stack([np.asarray(Image.open(p), dtype=np.int16) for p in sorted(folder.glob(f"{name}_*.png"))])
 
@@ -27,8 +49,8 @@ def _frames(folder, name):
 def test_every_memory_mode_makes_the_same_video(tmp_path, lora):
     base = ["generate", "--prompt", "a red circle moving right on a black background", "--frames", "8",
             "--steps", "2", "--quiet", "--threads", "1"] + (["--lora", f"{LORA}:0.8"] if lora else [])
-    runs = {"none": [], "offload": [], "block-swap": ["--swap-blocks", "2"], "budget": ["--memory-budget", "0.01"],
-            "fp8": []}
+    runs = {"none": [], "offload": [], "block-swap": ["--swap-blocks", "2"],
+            "budget": ["--memory-budget", str(_smallest_budget_mb(frames=8))], "fp8": []}
     for name, extra in runs.items():
         mode = "none" if name == "budget" else name
         assert cli.main(base + ["--out", str(tmp_path / f"{name}.png"), "--memory-mode", mode] + extra) == 0

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from conftest import fixture_cases, fixtures_dir, load_tensors, rel_error, rel_tolerance, transformer_inputs
+from easyanimate.host import StandaloneHost
 from easyanimate.loading import load_transformer
 from easyanimate.memory import (
-    FP8_DTYPE, BlockSwap, DeviceManager, Fp8Linear, MemoryOptions, MemoryPlan, to_fp8, transformer_budget,
+    FP8_DTYPE, BlockSwap, DeviceManager, Fp8Linear, MemoryOptions, to_fp8, transformer_budget,
 )
 from easyanimate.models.attention import query_chunks
 from tiny import example_inputs, random_model, run
@@ -146,7 +147,7 @@ def _text(model, seed):
 
 @pytest.mark.parametrize("mode", ["offload", "block-swap", "fp8"])
 def test_generate_with_a_memory_plan_equals_the_plain_run(mode):
-    from easyanimate.pipeline import generate
+    from easyanimate.pipeline import generate, stages_for
     from easyanimate.vae import build_vae
 
     transformer = random_model("v3", num_layers=16)
@@ -161,15 +162,19 @@ def test_generate_with_a_memory_plan_equals_the_plain_run(mode):
     manager = DeviceManager("cpu", "cpu", copy_same_device=True)
     events = []
     manager.listeners.append(lambda m, event, module: events.append((event, m.resident_blocks)))
-    plan = MemoryPlan(MemoryOptions(mode, swap_blocks=3, budget_mb=0.01), manager=manager)
-    if mode == "fp8":
-        plan.report["fp8"] = to_fp8(transformer)
-    out = generate(transformer, vae, _text(transformer, 0), _text(transformer, 1), memory=plan, **options)
+    # The smallest budget the pack accepts for this request: one row of the CFG batch per pass, chunked attention.
+    stages = stages_for(transformer, vae)
+    smallest = stages.memory_estimate(stages.request(**{k: v for k, v in options.items() if k != "seed"})).budget_minimum
+    host = StandaloneHost(MemoryOptions(mode, swap_blocks=3, budget_mb=smallest / 2**20), manager=manager)
+    host.prepare(host.wrap(transformer, "transformer"))
+    placement = host.placement(transformer=transformer, vae=vae.model)
+    out = generate(transformer, vae, _text(transformer, 0), _text(transformer, 1), placement=placement, **options)
     err = rel_error(out, plain)
     if mode == "fp8":
         assert err <= 5 * FP8_TOLERANCE  # two sampling steps compound the per-forward error
     else:
         assert err <= 1e-5  # the budget splits the CFG batch: equal up to float rounding
+        assert transformer.plan_chunks(2, 2, 4, 4, host.budget_bytes)[0] == 1
         assert events and max(n for _, n in events) <= 3
         assert not manager.resident  # everything back in storage after the run
 

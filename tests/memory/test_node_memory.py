@@ -26,12 +26,12 @@ def _run(pack, lora=None):
 def test_offload_and_block_swap_from_the_environment(standalone, monkeypatch, lora):
     monkeypatch.delenv("EASYANIMATE_MEMORY_MODE", raising=False)
     monkeypatch.delenv("EASYANIMATE_MEMORY_BUDGET_MB", raising=False)
-    assert standalone.nodes.host.standalone_memory_plan() is None
+    assert standalone.nodes.host.current_host().memory.mode == "none"
     latents, frames, weights = _run(standalone, lora)
     for mode in ("offload", "block-swap:2"):
         monkeypatch.setenv("EASYANIMATE_MEMORY_MODE", mode)
-        plan = standalone.nodes.host.standalone_memory_plan()
-        assert plan.options.mode == mode.split(":")[0] and plan.options.swap_blocks in (2, 4)
+        options = standalone.nodes.host.current_host().memory
+        assert options.mode == mode.split(":")[0] and options.swap_blocks in (2, 4)
         got_latents, got_frames, got_weights = _run(standalone, lora)
         torch.testing.assert_close(got_latents, latents, rtol=0, atol=0)
         torch.testing.assert_close(got_frames, frames, rtol=0, atol=0)
@@ -42,7 +42,17 @@ def test_offload_and_block_swap_from_the_environment(standalone, monkeypatch, lo
 def test_fp8_and_budget_from_the_environment(standalone, monkeypatch):
     monkeypatch.delenv("EASYANIMATE_MEMORY_MODE", raising=False)
     latents, _, _ = _run(standalone)
-    monkeypatch.setenv("EASYANIMATE_MEMORY_BUDGET_MB", "0.001")
+    # The smallest budget the pack accepts for this request (one row of the CFG batch per pass); below it,
+    # the sampler refuses the request.
+    model, vae, _ = _nodes(standalone)["LoadEasyAnimate"]().load("EasyAnimateV3-tiny", "fp32")
+    stages = standalone.easyanimate.pipeline.stages_for(model.transformer.module, vae.vae)
+    request = stages.request(frames=SAMPLE["frames"], height=SAMPLE["height"], width=SAMPLE["width"],
+                             steps=SAMPLE["steps"], guidance_scale=SAMPLE["cfg"])
+    smallest = stages.memory_estimate(request).budget_minimum
+    monkeypatch.setenv("EASYANIMATE_MEMORY_BUDGET_MB", str(smallest / 2**20 / 2))
+    with pytest.raises(standalone.easyanimate.errors.EasyAnimateError, match="memory budget"):
+        _run(standalone)
+    monkeypatch.setenv("EASYANIMATE_MEMORY_BUDGET_MB", str(smallest / 2**20))
     budget_latents, _, _ = _run(standalone)
     assert ((budget_latents - latents).abs().max() / latents.abs().max()).item() <= 1e-5
     monkeypatch.delenv("EASYANIMATE_MEMORY_BUDGET_MB")

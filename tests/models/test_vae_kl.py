@@ -1,4 +1,4 @@
-"""V1: the SD image VAE applied frame by frame (spec §3.1), on a tiny random model."""
+"""V1: the SD image VAE applied frame by frame, on a tiny random model."""
 import json
 
 import pytest

@@ -1,4 +1,4 @@
-"""Loading V2/V3 VAEs from the layouts users have (spec §1.3–1.5), and the errors for bad files.
+"""Loading V2/V3 VAEs from the layouts users have, and the errors for bad files.
 
 Tiny checkpoints are written in tmp_path in the released layouts: a release folder with `vae/`
 (config.json + diffusion_pytorch_model.safetensors), old and rewritten configs, `loss.*` training

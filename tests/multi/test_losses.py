@@ -1,4 +1,4 @@
-"""Losses (spec §2, §3, §7.2 proof 7 in small): each is finite on a tiny config, its gradients reach the
+"""Losses (docs/numerics.md#losses-and-heads): each is finite on a tiny config, its gradients reach the
 parameters it trains and not the heads it does not use, and the random parts behave as specified."""
 from __future__ import annotations
 
@@ -223,7 +223,7 @@ def test_pretrain_step_losses():
 
 
 def test_vtc_fits_a_small_batch():
-    """VTC in-batch accuracy on 8 pairs reaches 100 % (spec §7.2 proof 7, small)."""
+    """VTC in-batch accuracy on 8 pairs reaches 100 %."""
     model = build()
     ids, mask = text_batch(8, 8, seed=3)
     batch = {"frames": frames(B=8, T=2, seed=3), "text_ids": ids, "text_mask": mask}

@@ -1,4 +1,4 @@
-"""MuLTI model (spec §1, §3, §7.2 proofs 1 and 8): encoders, heads, adapter, checkpoint initialisation,
+"""MuLTI model (docs/numerics.md#multi): encoders, heads, adapter, checkpoint initialisation,
 config and preprocessing."""
 from __future__ import annotations
 

@@ -1,6 +1,5 @@
-"""MuLTI nodes end to end, standalone: a tiny random MuLTI for the mechanics, the shipped model for the job."""
+"""MuLTI nodes end to end, standalone, on a tiny random MuLTI (the shipped model: benchmarks/multi_quality.py)."""
 import json
-import random
 
 import pytest
 import torch
@@ -91,39 +90,27 @@ def test_question_answering_and_tags(standalone, multi_tiny):
     assert tags == "" or all(t in data.TAGS for t in tags.split(", "))
 
 
-def best_of_four(pack, fields, trials=6, seed=12345):
-    """How often the score node keeps the prompt's clip among four that differ from it in `fields`
-    (clips drawn like the training data, unseen seeds), with the shipped model."""
-    from easyanimate.train import synthetic as S
+# Whether the shipped MuLTI keeps the prompt's clip (its retrieval quality) depends on its training: it is
+# measured, with its targets, by benchmarks/multi_quality.py ("best of four"). Here the node's ranking is
+# checked against the core's scores on the tiny random model.
 
-    loader = nodes(pack)["MuLTILoader"]
-    model = loader().load(loader.INPUT_TYPES()["required"]["model"][0][0], "fp32")[0]
-    values = {"colour": list(S.COLOURS), "shape": list(S.BASE_SHAPES), "direction": list(S.DIRECTIONS),
-              "background": list(S.BACKGROUNDS)}
-    rng = random.Random(seed)
-    picked = 0
-    for _ in range(trials):
-        target = S.sample_spec(rng)
-        others = []
-        for i in range(3):
-            field = fields[i % len(fields)]
-            wrong = [v for v in values[field] if v != getattr(target, field)
-                     and all(getattr(o, field) != v for o in others)]
-            others.append(S.ClipSpec(**{**target.as_dict(), field: rng.choice(wrong)}))
-        order = [target] + others
-        rng.shuffle(order)
-        frames = torch.cat([torch.from_numpy(S.render_clip(spec, frames=16, size=64)) for spec in order])
-        prompt = S.prompt_for(target.colour, target.shape, target.direction, target.background)
-        _, index, _, _ = nodes(pack)["MuLTIVideoTextScore"]().score(model, frames, prompt, 16, True)
-        picked += order[index] is target
-    return picked, trials
+@pytest.mark.parametrize("match", [True, False])
+def test_score_node_ranks_videos_by_the_cores_scores(standalone, multi_tiny, match):
+    """The node picks the video with the highest mean score over the texts (match probability, or cosine
+    similarity), returns that video's frames, and picks the same clip whatever its place in the batch."""
+    from easyanimate.multi.evaluate import score_texts
 
-
-def test_shipped_model_keeps_the_clip_of_the_prompts_colour(standalone):
-    picked, trials = best_of_four(standalone, ["colour"])
-    assert picked >= trials - 1, f"kept the prompt's clip in {picked} of {trials} trials"
-
-
-def test_shipped_model_keeps_the_clip_of_the_prompts_direction_and_shape(standalone):
-    picked, trials = best_of_four(standalone, ["direction", "shape"])
-    assert picked >= trials - 1, f"kept the prompt's clip in {picked} of {trials} trials"
+    model = load(standalone)
+    texts = ["a red circle moving right on a black background", "a blue square moving up on a gray background"]
+    clips = [videos(1, seed=seed) for seed in range(4)]
+    core = [float(score_texts(model.bundle, clip, texts)["vtm" if match else "vtc"].mean()) for clip in clips]
+    assert len({round(s, 6) for s in core}) == 4  # a strict ranking to check
+    best = max(range(4), key=core.__getitem__)
+    node = nodes(standalone)["MuLTIVideoTextScore"]()
+    for order in ([0, 1, 2, 3], [3, 1, 0, 2]):
+        frames, index, score, table = node.score(model, torch.cat([clips[i] for i in order]), "\n".join(texts), 8, match)
+        rows = json.loads(table)["videos"]
+        assert [r["video"] for r in rows] == [0, 1, 2, 3]
+        assert [r["score"] for r in rows] == pytest.approx([core[i] for i in order], abs=1e-5)
+        assert order[index] == best and score == pytest.approx(core[best], abs=1e-5)
+        assert torch.equal(frames, clips[best])

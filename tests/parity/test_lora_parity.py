@@ -33,7 +33,7 @@ def _case_files(case):
     return folder, meta, base_folder, lora_file, float(lora_info["multiplier"])
 
 
-@pytest.mark.parametrize("mode", ["weights", "layerwise", "hooks"])
+@pytest.mark.parametrize("mode", ["weights", "hooks"])
 @pytest.mark.parametrize("case", fixture_cases("lora"))
 def test_lora_matches_reference(case, mode):
     folder, meta, base_folder, lora_file, strength = _case_files(case)

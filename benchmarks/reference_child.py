@@ -1,0 +1,130 @@
+"""The reference side of a side-by-side benchmark run (see reference_compare.py).
+
+Runs in the environment of the original EasyAnimate V3 code, whose checkout `--src` is put first on the
+import path (this repository's package, also named `easyanimate`, is not importable here). It loads the
+weights a benchmark wrote in the release layout with the original loaders, runs what our child runs on the
+inputs written beside them, saves the output and prints one JSON line:
+
+    dit   Transformer3DModel.from_pretrained_2d(folder, transformer_additional_kwargs={}); one warm-up
+          forward and `--repeats` timed ones under torch.inference_mode(), called as the original
+          pipeline calls it
+    vae   AutoencoderKLMagvit.from_pretrained(folder); `--latents` / scaling_factor decoded by `vae.decode`
+          under torch.no_grad() (what the original pipeline's decode_latents runs before its optional
+          smoothing), after a warm-up decode of the first latents
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from process_memory import OtherLoad, reset_peak, status_kib
+
+
+def _release_freed_memory() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _load_common(args):
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return torch, status_kib("VmRSS") * 1024
+
+
+def dit(args) -> dict:
+    torch, base = _load_common(args)
+    from safetensors.torch import load_file, save_file
+
+    from easyanimate.models.transformer3d import Transformer3DModel
+
+    start = time.perf_counter()
+    model = Transformer3DModel.from_pretrained_2d(str(args.folder), transformer_additional_kwargs={})
+    model.eval().requires_grad_(False)
+    load_s = time.perf_counter() - start
+    gc.collect()
+    _release_freed_memory()
+    built, load_peak = status_kib("VmRSS") * 1024, status_kib("VmHWM") * 1024
+    x = load_file(str(args.folder / "inputs.safetensors"))
+    call = dict(
+        hidden_states=x["x"], inpaint_latents=x["inpaint_latents"], encoder_hidden_states=x["encoder_hidden_states"],
+        encoder_attention_mask=x["encoder_attention_mask"], timestep=x["timestep"],
+        clip_encoder_hidden_states=x["clip_encoder_hidden_states"], clip_attention_mask=x["clip_attention_mask"],
+        added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False,
+    )
+    reset = reset_peak()
+    times = []
+    with torch.inference_mode():
+        for i in range(args.repeats + 1):  # the first is the warm-up
+            if i == 1:
+                load = OtherLoad()
+            start = time.perf_counter()
+            out = model(**call)[0]
+            times.append(time.perf_counter() - start)
+    save_file({"out": out.contiguous()}, str(args.out))
+    return {
+        "params": sum(p.numel() for p in model.parameters()),
+        "weights_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+        "base_rss": base, "built_rss": built, "load_peak": load_peak, "load_s": load_s,
+        "peak_rss": status_kib("VmHWM") * 1024, "peak_reset": reset,
+        "median_s": statistics.median(times[1:]), "warmup_s": times[0], "runs": len(times) - 1,
+        "other_load": load.cores(),
+    }
+
+
+def vae(args) -> dict:
+    torch, base = _load_common(args)
+    from safetensors.torch import load_file, save_file
+
+    from easyanimate.models.autoencoder_magvit import AutoencoderKLMagvit
+
+    model = AutoencoderKLMagvit.from_pretrained(str(args.folder))
+    model.eval().requires_grad_(False)
+    data = load_file(str(args.latents))
+    z = data["latents"] * (1 / model.config.scaling_factor)
+    with torch.no_grad():
+        model.decode(z[:, :, : int(data["warm"])]).sample  # kernels per shape, thread pools: not decode memory
+        gc.collect()
+        _release_freed_memory()
+        before = status_kib("VmRSS")
+        reset = reset_peak()
+        load, start = OtherLoad(), time.perf_counter()
+        out = model.decode(z).sample
+        seconds = time.perf_counter() - start
+        peak, other = status_kib("VmHWM"), load.cores()
+    output_bytes = out.numel() * out.element_size()
+    save_file({"out": out.contiguous()}, str(args.out))
+    return {
+        "base_rss": base, "before_rss": before * 1024, "peak_rss": peak * 1024, "peak_reset": reset,
+        "output_mib": output_bytes / 2**20, "peak_beyond_output_mib": ((peak - before) * 1024 - output_bytes) / 2**20,
+        "median_s": seconds, "runs": 1, "other_load": other,
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("what", choices=["dit", "vae"])
+    parser.add_argument("--src", type=Path, required=True, help="checkout of the original EasyAnimate code")
+    parser.add_argument("--folder", type=Path, required=True, help="weights (release layout) and inputs")
+    parser.add_argument("--latents", type=Path, default=None, help="vae: the latents (and the warm-up length)")
+    parser.add_argument("--out", type=Path, required=True, help="where to save the output (safetensors)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's choice)")
+    parser.add_argument("--repeats", type=int, default=1)
+    args = parser.parse_args(argv)
+    sys.path.insert(0, str(args.src.resolve()))
+    result = (dit if args.what == "dit" else vae)(args)
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -597,15 +597,10 @@ def test_comfyui_merges_our_exports_as_we_do(tmp_path):
     the file's own tensors + `comfy_key_map(path)` (formats with the scale in the file) patch the same weights
     as our merge, to float32 rounding, and the model gives the same output. Needs COMFYUI_DIR (ComfyUI's
     interpreter: COMFYUI_PYTHON, default this one)."""
-    import os
-    import subprocess
-    import sys
-
-    from conftest import ROOT
+    from comfyui_script import COMFYUI_DIR, run_comfyui_script
     from safetensors.torch import load_file
 
-    comfy_dir = os.environ.get("COMFYUI_DIR")
-    if not comfy_dir:
+    if not COMFYUI_DIR:
         pytest.skip("COMFYUI_DIR is not set: no ComfyUI to merge the LoRAs with (set it, and COMFYUI_PYTHON)")
     model = random_model("v3", num_layers=4)  # U-ViT skips included; small, as ComfyUI patches each job anew
     inputs = example_inputs(model, frames=2, height=4, width=4)
@@ -625,15 +620,7 @@ def test_comfyui_merges_our_exports_as_we_do(tmp_path):
             jobs.append(dict(name=fmt + " (file tensors)", lora=str(path), prefix="", strength=0.6,
                              key_map=comfy_key_map(path, model), out=str(tmp_path / f"comfy{index}_raw.safetensors")))
     (tmp_path / "jobs.json").write_text(json.dumps({"model": str(tmp_path / "model.safetensors"), "jobs": jobs}))
-    script = tmp_path / "comfy_lora.py"
-    script.write_text(COMFY_LORA_SCRIPT)
-    # The test host's launcher (beside the project) works around a CPU-only torch without torchvision.
-    launcher = ROOT.parent / "shared" / "comfyhost" / "launch_comfy.py"
-    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
-    command = [python] + ([str(launcher)] if launcher.is_file() else []) + [str(script), comfy_dir, str(tmp_path / "jobs.json")]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=comfy_dir, timeout=600,
-                            env=dict(os.environ, COMFYHOST_TV_SHIM="1"))
-    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout[-2000:] + result.stderr[-3000:]
+    run_comfyui_script(tmp_path, "comfy_lora.py", COMFY_LORA_SCRIPT, tmp_path / "jobs.json")
 
     base = run(model, inputs)
     for job in jobs:

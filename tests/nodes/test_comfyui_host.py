@@ -7,15 +7,11 @@ skipped with the reason otherwise. This CPU machine has no GPU, so the CPU stand
 a CPU load device as "no offloading", and the test tells it otherwise (`is_device_cpu` answers False) so
 that `load_models_gpu` takes the same lowvram route it takes on a GPU with too little memory.
 """
-import os
-import subprocess
-import sys
-
 import pytest
 
+from comfyui_script import COMFYUI_DIR, run_comfyui_script
 from conftest import ROOT
 
-COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason="COMFYUI_DIR is not set: no ComfyUI to run the host in")
 
 SCRIPT = r"""
@@ -97,14 +93,4 @@ print("ok")
 
 
 def test_comfyui_host_partial_loading_and_broken_import(tmp_path):
-    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
-    script = tmp_path / "host_check.py"
-    script.write_text(SCRIPT)
-    # The test host's launcher (beside the project) works around a CPU-only torch without torchvision.
-    launcher = ROOT.parent / "shared" / "comfyhost" / "launch_comfy.py"
-    command = [python] + ([str(launcher)] if launcher.is_file() else []) + [str(script), COMFYUI_DIR, str(ROOT),
-                                                                           str(tmp_path)]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=COMFYUI_DIR, timeout=600,
-                            env=dict(os.environ, COMFYHOST_TV_SHIM="1"))
-    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout[-2000:] + result.stderr[-3000:]
-    print(result.stdout)
+    print(run_comfyui_script(tmp_path, "host_check.py", SCRIPT, ROOT, tmp_path))

@@ -4,15 +4,11 @@ A full T5-XXL file cannot be made here, so ComfyUI's T5 class is built with tiny
 a CLIP loaded from a T5-XXL file is (`cond_stage_model.t5xxl.transformer`, `tokenizer.t5xxl.tokenizer`,
 `patcher`). Runs in ComfyUI's interpreter when `COMFYUI_DIR` is set; skipped with the reason otherwise.
 """
-import os
-import subprocess
-import sys
-
 import pytest
 
+from comfyui_script import COMFYUI_DIR, run_comfyui_script
 from conftest import ROOT
 
-COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason="COMFYUI_DIR is not set: no ComfyUI to take the T5 module from")
 
 SCRIPT = r"""
@@ -66,13 +62,4 @@ print("ok")
 
 
 def test_native_t5_clip_encodes_like_transformers_t5(tmp_path):
-    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
-    script = tmp_path / "native_t5.py"
-    script.write_text(SCRIPT)
-    # The test host's launcher (beside the project) works around a CPU-only torch without torchvision.
-    launcher = ROOT.parent / "shared" / "comfyhost" / "launch_comfy.py"
-    command = [python] + ([str(launcher)] if launcher.is_file() else []) + [str(script), COMFYUI_DIR, str(ROOT)]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=COMFYUI_DIR, timeout=600,
-                            env=dict(os.environ, COMFYHOST_TV_SHIM="1"))
-    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout[-2000:] + result.stderr[-3000:]
-    print(result.stdout)
+    print(run_comfyui_script(tmp_path, "native_t5.py", SCRIPT, ROOT))

@@ -338,8 +338,9 @@ def _check_generate_options(args, model_path: Path, defaults: dict) -> dict:
     if args.threads is not None:
         _whole_number(args.threads, "--threads", 1, 1024)
     check_device(args.device)
-    if args.memory_budget is not None and not (math.isfinite(args.memory_budget) and args.memory_budget > 0):
-        raise ValueError(f"--memory-budget must be a positive number of MiB; got {args.memory_budget}.")
+    from .memory import MemoryOptions
+
+    memory = MemoryOptions(args.memory_mode, args.swap_blocks, args.memory_budget)  # refuses bad values
     pick = lambda value, key: defaults[key] if value is None else value
     frames = _whole_number(pick(args.frames, "frames"), "--frames", 1, None, source(args.frames, "frames"))
     steps = _whole_number(pick(args.steps, "steps"), "--steps", 1, MAX_STEPS, source(args.steps, "steps"))
@@ -355,7 +356,7 @@ def _check_generate_options(args, model_path: Path, defaults: dict) -> dict:
     sampler = args.sampler or defaults["sampler"]
     build_sampler(sampler, None).set_timesteps(steps)  # the sampler's own limits (PNDM needs 4 steps)
     height, width = _parse_size(args.size) if args.size else (defaults["height"], defaults["width"])
-    return dict(frames=frames, height=height, width=width, fps=fps,
+    return dict(frames=frames, height=height, width=width, fps=fps, memory=memory,
                 options=dict(steps=steps, guidance_scale=float(guidance), sampler=sampler, seed=seed))
 
 
@@ -371,7 +372,8 @@ def cmd_generate(args) -> int:
     model_path = Path(args.model) if args.model else demo_model_path()
     defaults = generation_defaults(model_path)
     checked = _check_generate_options(args, model_path, defaults)
-    frames, height, width, fps, options = (checked[k] for k in ("frames", "height", "width", "fps", "options"))
+    frames, height, width, fps, options, memory = (
+        checked[k] for k in ("frames", "height", "width", "fps", "options", "memory"))
     negative = defaults["negative_prompt"] if args.negative_prompt is None else args.negative_prompt
     out = check_output(args.out)
     start_images = _read_image(args.start_image, (height, width)) if args.start_image else None
@@ -383,9 +385,8 @@ def cmd_generate(args) -> int:
         torch.set_num_threads(args.threads)
 
     from .host import StandaloneHost
-    from .memory import MemoryOptions
 
-    host = StandaloneHost(MemoryOptions(args.memory_mode, args.swap_blocks, args.memory_budget), compute=args.device)
+    host = StandaloneHost(memory, compute=args.device)
     started = time.time()
     # Streaming and fp8 modes load into CPU RAM first; the host then places each part for its stage.
     load_device = args.device if args.memory_mode == "none" else "cpu"

@@ -188,6 +188,11 @@ class StandaloneHost:
         _check_kind(kind)
         return Component(module, kind)
 
+    @property
+    def weights_tag(self) -> str:
+        """What `prepare` does to loaded weights ("fp8" or ""): loaders cache models per tag."""
+        return "fp8" if self.memory.mode == "fp8" else ""
+
     def prepare(self, component: Component) -> Component:
         """Whatever a memory mode does once to a loaded model (fp8: store the transformer's linear weights
         as float8)."""

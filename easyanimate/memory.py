@@ -376,7 +376,7 @@ class MemoryOptions:
         if self.swap_blocks < 1:
             raise EasyAnimateError(f"--swap-blocks must be at least 1; got {self.swap_blocks}.")
         if self.budget_mb is not None and not (math.isfinite(self.budget_mb) and self.budget_mb > 0):
-            raise EasyAnimateError(f"The memory budget must be a positive number of MiB; got {self.budget_mb}.")
+            raise EasyAnimateError(f"The memory budget (--memory-budget) must be a positive number of MiB; got {self.budget_mb}.")
 
     @property
     def budget_bytes(self) -> int | None:

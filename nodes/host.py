@@ -131,6 +131,8 @@ class ComfyHost:
         patcher = self._patcher_module.ModelPatcher(held, load_device=load, offload_device=offload)
         return Component(module, kind, patcher=patcher, key_prefix="" if held is module else "model.")
 
+    weights_tag = ""  # loaded weights are used as they are
+
     def prepare(self, component: Component) -> Component:
         return component
 

@@ -81,8 +81,7 @@ class LoadEasyAnimate:
         dtype = runtime.precision(precision)
         mm = host.resolve_file(host.MODEL_FOLDER, motion_module) if motion_module != NONE else None
         pers = host.resolve_file(host.MODEL_FOLDER, personalized) if personalized != NONE else None
-        memory_mode = getattr(runtime, "memory", None)  # standalone only: fp8 changes the loaded weights
-        key = (str(root), dtype, str(mm), str(pers), _signature(root), getattr(memory_mode, "mode", None) == "fp8")
+        key = (str(root), dtype, str(mm), str(pers), _signature(root), runtime.weights_tag)
         cached = _LOADED.get(key)
         if cached is not None:
             return (cached, *cached.companions)

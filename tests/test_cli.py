@@ -177,7 +177,7 @@ BAD_OPTIONS = [
     (["--cfg", "nan"], "--cfg (guidance scale) must be a number from 0 to 100"),
     (["--threads", "-1"], "--threads must be a whole number from 1 to 1024; got -1"),
     (["--device", "banana"], "--device 'banana' is not a torch device; use cpu, cuda"),
-    (["--memory-budget", "nan"], "--memory-budget must be a positive number of MiB; got nan"),
+    (["--memory-budget", "nan"], "memory budget (--memory-budget) must be a positive number of MiB; got nan"),
     (["--lora", "magenta:abc"], "the strength 'abc' is not a number"),
     (["--lora", "magenta:nan"], "must be a finite number from -100 to 100"),
     (["--lora", "magenta:1e30"], "must be a finite number from -100 to 100"),

@@ -1,4 +1,8 @@
-"""Sampling: the five EasyAnimate samplers and the classifier-free-guidance denoising loop.
+"""Sampling: the EasyAnimate samplers and the classifier-free-guidance denoising loop.
+
+Five DDPM samplers ("Euler", "Euler A", "DPM++", "PNDM", "DDIM") for the noise-prediction models
+(V1–V3, V5) and the flow-matching Euler sampler ("Flow") for V5.1; `check_sampler_for_family` says
+which go with which model, and `build_sampler` refuses a scheduler config of the other kind.
 
 Typical use (what the pipeline does):
 
@@ -16,7 +20,13 @@ give different timesteps for DDIM and PNDM:
     rest (so DDIM/PNDM use the file's `linspace` spacing and DDIM keeps its default `clip_sample`);
   * from the era's YAML `noise_scheduler_kwargs` (V1–V3 scripts, Gradio UI): four keys over each
     class's defaults (so DDIM/PNDM use `leading` spacing with steps_offset 1).
-Both are data: configs/scheduler_classes.json and configs/scheduler_yaml_v1_v3.json.
+Both are data: configs/scheduler_classes.json and configs/scheduler_yaml_v1_v3.json. V5 and V5.1 have
+no YAML route: their samplers are built from the release's scheduler folder only ("Flow" refuses the
+V1–V3 YAML route; pass {} for the class defaults).
+
+The loop is the same for both kinds of model: a flow model's output is a velocity instead of a noise
+prediction, guided the same way, and its sampler's `init_noise_sigma` (1) and `scale_model_input`
+(identity) make the start latents and model input the plain latents.
 
 Everything random comes from the caller's torch.Generator; nothing here touches the global RNG.
 """
@@ -31,21 +41,30 @@ from typing import Callable, Optional, Union
 import torch
 
 from .errors import EasyAnimateError, LayoutError
-from .samplers.base import Sampler, resolve_config, sampler_classes, yaml_scheduler_kwargs
+from .samplers.base import (Sampler, resolve_config, sampler_classes, scheduler_class_families,
+                            yaml_scheduler_kwargs)
 from .samplers.ddim import DDIMSampler
 from .samplers.dpm import DPMSolverSampler
 from .samplers.euler import EulerAncestralSampler, EulerSampler
+from .samplers.flow import FlowMatchEulerSampler
 from .samplers.pndm import PNDMSampler
 
-# Names as the reference ComfyUI nodes and Gradio UI spell them (their order, too).
+# Names as the reference ComfyUI nodes and Gradio UI spell them (their order, too; V5.1's "Flow" last).
 SAMPLERS = {
     "Euler": EulerSampler,
     "Euler A": EulerAncestralSampler,
     "DPM++": DPMSolverSampler,
     "PNDM": PNDMSampler,
     "DDIM": DDIMSampler,
+    "Flow": FlowMatchEulerSampler,
 }
 SAMPLER_NAMES = tuple(SAMPLERS)
+DDPM_SAMPLER_NAMES = tuple(name for name, cls in SAMPLERS.items() if cls.family == "ddpm")
+FLOW_SAMPLER_NAMES = tuple(name for name, cls in SAMPLERS.items() if cls.family == "flow")
+
+# What each model family was trained as: its samplers must be of the same kind.
+FAMILY_OBJECTIVES = {"v1": "ddpm", "v2": "ddpm", "v3": "ddpm", "v5": "ddpm", "v5.1": "flow"}
+_OBJECTIVE_WORDS = {"ddpm": "DDPM", "flow": "flow-matching"}
 
 SCHEDULER_CONFIG_FILE = "scheduler_config.json"
 
@@ -75,7 +94,82 @@ def sampler_name_for(diffusers_class: str) -> str:
         if entry["diffusers_class"] == diffusers_class:
             return name
     known = ", ".join(entry["diffusers_class"] for entry in sampler_classes().values())
-    raise EasyAnimateError(f"scheduler class {diffusers_class!r} is not one of the five samplers ({known}).")
+    raise EasyAnimateError(f"scheduler class {diffusers_class!r} is not one of the samplers ({known}).")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Which samplers go with which model (DDPM vs flow matching)
+# ----------------------------------------------------------------------------------------------------
+
+def model_family(family) -> str:
+    """A model family name in its canonical spelling: "v1", "v2", "v3", "v5" or "v5.1"."""
+    text = str(family).strip().lower().removeprefix("easyanimate").strip(" -_")
+    text = {"v51": "v5.1"}.get(text, text)
+    if text not in FAMILY_OBJECTIVES:
+        raise EasyAnimateError(
+            f"unknown EasyAnimate model family {family!r}; known: {', '.join(FAMILY_OBJECTIVES)}."
+        )
+    return text
+
+
+def samplers_for_family(family) -> tuple[str, ...]:
+    """The sampler names that can run a model of this family (V5.1: ("Flow",); the others: the five)."""
+    objective = FAMILY_OBJECTIVES[model_family(family)]
+    return FLOW_SAMPLER_NAMES if objective == "flow" else DDPM_SAMPLER_NAMES
+
+
+def scheduler_config_family(config: dict) -> Optional[str]:
+    """"ddpm" or "flow" from a scheduler config's `_class_name`; None when it has no known class."""
+    return scheduler_class_families().get(config.get("_class_name")) if isinstance(config, dict) else None
+
+
+def scheduler_prediction(scheduler_config: Union[str, Path, dict]) -> str:
+    """What a model predicts according to its scheduler config: "flow" for a flow-matching config, else
+    the config's `prediction_type` (diffusers' default "epsilon" when absent). For `check_sampler_for_family`."""
+    config = scheduler_config if isinstance(scheduler_config, dict) else load_scheduler_config(scheduler_config)
+    if scheduler_config_family(config) == "flow":
+        return "flow"
+    return config.get("prediction_type") or "epsilon"
+
+
+def _family_label(family: str) -> str:
+    return "EasyAnimate " + family.upper()
+
+
+def check_sampler_for_family(sampler_name, family, prediction: Optional[str] = None) -> str:
+    """Refuse a sampler that cannot run a model of `family`; return the sampler name.
+
+    V5.1 is a flow-matching model and runs only "Flow"; V1–V3 and V5 are DDPM models and run only the
+    five DDPM samplers. `prediction` (optional) is what the model's scheduler config
+    says it predicts (`scheduler_prediction`): "flow", "epsilon", "v_prediction", …; it must agree with
+    the family, and a DDPM sampler must reproduce that prediction type.
+    """
+    name = check_sampler_name(sampler_name)
+    family = model_family(family)
+    objective = FAMILY_OBJECTIVES[family]
+    allowed = samplers_for_family(family)
+    if prediction is not None:
+        said = "flow" if prediction == "flow" else "ddpm"
+        if said != objective:
+            raise EasyAnimateError(
+                f"{_family_label(family)} is a {_OBJECTIVE_WORDS[objective]} model, but its scheduler config is "
+                f"{_OBJECTIVE_WORDS[said]} ({prediction!r}): the scheduler folder does not belong to this model. "
+                f"Use the scheduler/ folder of the {family.upper()} release."
+            )
+    sampler_family = SAMPLERS[name].family
+    if sampler_family != objective:
+        raise EasyAnimateError(
+            f"sampler {name!r} is a {_OBJECTIVE_WORDS[sampler_family]} sampler and cannot run {_family_label(family)}, "
+            f"a {_OBJECTIVE_WORDS[objective]} model; use {' or '.join(repr(a) for a in allowed)}."
+        )
+    if prediction is not None and prediction != "flow":
+        supported = SAMPLERS[name].SUPPORTED.get("prediction_type")
+        if supported and prediction not in supported:
+            raise EasyAnimateError(
+                f"{_family_label(family)}'s scheduler config says prediction_type {prediction!r}; sampler {name!r} "
+                f"reproduces only {', '.join(repr(s) for s in supported)} prediction, so it cannot run this model."
+            )
+    return name
 
 
 def find_scheduler_config(path: Union[str, Path]) -> Path:
@@ -102,23 +196,45 @@ def load_scheduler_config(path: Union[str, Path]) -> dict:
 
 
 def resolved_sampler_config(name: str, scheduler_config: Union[None, str, Path, dict] = None) -> dict:
-    """The full config the named sampler runs with (see the module docstring for the two routes)."""
+    """The full config the named sampler runs with (see the module docstring for the two routes).
+
+    A config whose `_class_name` is of the other kind (a flow-matching config for a DDPM sampler, or the
+    reverse) is refused, as is "Flow" on the V1–V3 YAML route.
+    """
     defaults = sampler_classes()[check_sampler_name(name)]["defaults"]
+    sampler_family = SAMPLERS[name].family
     if scheduler_config is None:
+        if sampler_family != "ddpm":
+            raise EasyAnimateError(
+                f"sampler {name!r} is a {_OBJECTIVE_WORDS[sampler_family]} sampler and needs the model's own "
+                "scheduler config (the release's scheduler/ folder); without one the V1–V3 YAML defaults "
+                f"apply, which are for the DDPM samplers ({', '.join(DDPM_SAMPLER_NAMES)})."
+            )
         given = yaml_scheduler_kwargs()
     elif isinstance(scheduler_config, dict):
         given = scheduler_config
     else:
         given = load_scheduler_config(scheduler_config)
+    config_family = scheduler_config_family(given)
+    if config_family is not None and config_family != sampler_family:
+        where = "" if isinstance(scheduler_config, dict) else f" at {scheduler_config}"
+        usable = FLOW_SAMPLER_NAMES if config_family == "flow" else DDPM_SAMPLER_NAMES
+        raise EasyAnimateError(
+            f"the scheduler config{where} is a {_OBJECTIVE_WORDS[config_family]} config ({given['_class_name']}), "
+            f"so it belongs to a {_OBJECTIVE_WORDS[config_family]} model; sampler {name!r} is for "
+            f"{_OBJECTIVE_WORDS[sampler_family]} models. Use {' or '.join(repr(u) for u in usable)}."
+        )
     return resolve_config(defaults, given)
 
 
 def build_sampler(name: str, scheduler_config: Union[None, str, Path, dict] = None) -> Sampler:
-    """A sampler by its reference name ("Euler", "Euler A", "DPM++", "PNDM", "DDIM").
+    """A sampler by its reference name ("Euler", "Euler A", "DPM++", "PNDM", "DDIM", "Flow").
 
-    scheduler_config: None for the era's YAML defaults; a model folder, its `scheduler/` folder or a
-    scheduler_config.json path for the release route (as `<Class>.from_pretrained(model,
-    subfolder="scheduler")`); or an already-loaded config dict.
+    scheduler_config: None for the era's YAML defaults (V1–V3; DDPM samplers only); a model folder, its
+    `scheduler/` folder or a scheduler_config.json path for the release route (as
+    `<Class>.from_pretrained(model, subfolder="scheduler")`); or an already-loaded config dict ({} gives
+    the class defaults). Keys a sampler does not know are ignored; values it does not reproduce (e.g.
+    `prediction_type` "v_prediction") are refused with the setting named.
     """
     return SAMPLERS[check_sampler_name(name)](resolved_sampler_config(name, scheduler_config))
 
@@ -189,13 +305,13 @@ def denoise(model_fn: ModelFn, latents: torch.Tensor, sampler: Sampler, guidance
     model_fn(model_input, timestep, step) -> model output
         model_input: with guidance_scale > 1, the batch [latents, latents] (2B, first half for the
             negative prompt, second for the positive) after `scale_model_input`; otherwise B rows.
-        timestep: the sampler's timestep broadcast to the batch (float32 for Euler/Euler A, int64
-            for the others), on the latents' device.
+        timestep: the sampler's timestep broadcast to the batch (float32 for Euler/Euler A/Flow,
+            int64 for the others), on the latents' device.
         step: 0-based position in this run (for rules such as the CLIP `clip_apply_ratio`; the run
             has len(sampler.timesteps) - start_index steps).
         It returns (batch, C_out, …) with C_out ≥ latent channels; guidance is applied to all C_out
         channels, then only the first `latent_channels` (default: the latents' channel count) are
-        kept, which drops a learned-sigma half.
+        kept, which drops a learned-sigma half. (For "Flow" the output is the velocity ε − x0.)
     callback(steps_done, total, latents) is called after every step; returning False stops the run
         with SamplingCancelled (an exception the callback raises itself propagates unchanged).
     generator feeds Euler A's fresh noise and DDIM with eta > 0 (and the draw Euler makes to stay

@@ -13,6 +13,7 @@ import torch
 
 from easyanimate.errors import EasyAnimateError, LayoutError
 from easyanimate.sampling import (
+    DDPM_SAMPLER_NAMES,
     SAMPLER_NAMES,
     SamplingCancelled,
     build_sampler,
@@ -34,6 +35,8 @@ RELEASE_CONFIG = {
     "thresholding": False, "timestep_spacing": "linspace", "trained_betas": None,
     "use_karras_sigmas": False, "use_lu_lambdas": False, "variance_type": None,
 }
+# A V5.1 release's scheduler folder: flow matching (the "Flow" sampler; tests/test_flow_sampler.py).
+FLOW_CONFIG = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 1.0}
 
 
 def clean_latents(seed=0, dtype=torch.float32):
@@ -488,7 +491,7 @@ def test_strength_too_small_for_steps():
 def test_bad_step_counts(steps):
     for name in SAMPLER_NAMES:
         with pytest.raises(EasyAnimateError, match="steps"):
-            build_sampler(name).set_timesteps(steps)
+            build_sampler(name, None if name in DDPM_SAMPLER_NAMES else {}).set_timesteps(steps)
     if isinstance(steps, int) and steps < 1:
         with pytest.raises(EasyAnimateError, match="steps"):
             first_step_for_strength(steps, 1.0)
@@ -522,7 +525,7 @@ def test_sampling_before_set_timesteps():
 @pytest.mark.parametrize("name", SAMPLER_NAMES)
 def test_half_precision_latents_stay_in_their_dtype(name):
     # The reference keeps latents in the working dtype (bf16/fp16) between steps (docs/numerics.md#latents-dtype).
-    sampler = build_sampler(name, RELEASE_CONFIG)
+    sampler = build_sampler(name, RELEASE_CONFIG if name in DDPM_SAMPLER_NAMES else FLOW_CONFIG)
     sampler.set_timesteps(5)
     latents = start_latents(sampler, unit_noise().to(torch.bfloat16))
     seen = []

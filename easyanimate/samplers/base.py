@@ -1,8 +1,10 @@
-"""What the five samplers share: the training noise schedule, timestep spacing, config resolution.
+"""What the samplers share: the Sampler interface, config resolution, and for the five DDPM samplers the
+training noise schedule and timestep spacing.
 
-EasyAnimate was trained as a DDPM with 1000 steps and linear betas 1e-4 ... 0.02; every sampler walks
-that same schedule, only the choice of timesteps and the update rule differ. The numbers must match
-diffusers 0.28.2 bit for bit where the reference pipelines used it, so tables are built with the
+EasyAnimate V1–V3 were trained as a DDPM with 1000 steps and linear betas 1e-4 ... 0.02; the five DDPM
+samplers walk that same schedule, only the choice of timesteps and the update rule differ. (V5.1 is a
+flow-matching model; its sampler, samplers/flow.py, replaces the schedule with its own σ table.) The
+numbers must match diffusers 0.28.2 bit for bit where the reference pipelines used it, so tables are built with the
 same dtypes and the same numpy/torch operations (float32 betas, numpy `linspace`/`interp`/`round`).
 """
 from __future__ import annotations
@@ -27,6 +29,12 @@ def sampler_classes() -> dict:
     """{sampler name: {"diffusers_class": ..., "defaults": {...}}} from configs/scheduler_classes.json."""
     data = json.loads((CONFIG_DIR / "scheduler_classes.json").read_text())
     return {name: entry for name, entry in data.items() if not name.startswith("_")}
+
+
+def scheduler_class_families() -> dict:
+    """{diffusers scheduler class name: "ddpm" | "flow"} (configs/scheduler_classes.json `_class_families`)."""
+    data = json.loads((CONFIG_DIR / "scheduler_classes.json").read_text())
+    return dict(data.get("_class_families", {}))
 
 
 def yaml_scheduler_kwargs() -> dict:
@@ -55,8 +63,8 @@ def check_supported(config: dict, supported: dict, sampler_name: str) -> None:
         if key in config and config[key] not in allowed:
             raise EasyAnimateError(
                 f"{sampler_name}: scheduler setting {key}={config[key]!r} is not supported "
-                f"(supported: {', '.join(repr(a) for a in allowed)}); EasyAnimate V1–V3 releases use "
-                f"{allowed[0]!r}. Fix the scheduler_config.json or pick another sampler."
+                f"(supported: {', '.join(repr(a) for a in allowed)}); the released EasyAnimate configs this "
+                f"sampler reproduces use {allowed[0]!r}. Fix the scheduler_config.json or pick another sampler."
             )
 
 
@@ -90,7 +98,7 @@ def make_noise_schedule(config: dict) -> NoiseSchedule:
     else:
         raise EasyAnimateError(
             f"beta_schedule {config['beta_schedule']!r} is not supported (use 'linear', as every "
-            "EasyAnimate V1–V3 release does, or 'scaled_linear')."
+            "EasyAnimate V1–V3 release does, or 'scaled_linear'). Fix the scheduler_config.json."
         )
     return NoiseSchedule(betas=betas, alphas_cumprod=torch.cumprod(1.0 - betas, dim=0), num_train_timesteps=count)
 
@@ -153,15 +161,21 @@ class Sampler:
     """
 
     name: str = ""
+    # What the model was trained as: "ddpm" (V1–V3, V5: a DDPM noise schedule) or "flow" (V5.1).
+    family: str = "ddpm"
     # Settings this implementation reproduces: {config key: allowed values, the release's first}.
     SUPPORTED: dict = {}
 
     def __init__(self, config: dict):
         check_supported(config, self.SUPPORTED, self.name)
         self.config = dict(config)
-        self.schedule = make_noise_schedule(config)
+        self.schedule = self.make_schedule(config)
         self.timesteps: torch.Tensor | None = None
         self.num_inference_steps: int | None = None
+
+    def make_schedule(self, config: dict):
+        """The training schedule the sampler walks (the DDPM betas here; flow samplers override it)."""
+        return make_noise_schedule(config)
 
     # -- to be provided by each sampler ------------------------------------------------------------
 

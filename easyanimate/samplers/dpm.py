@@ -39,7 +39,9 @@ class DPMSolverSampler(Sampler):
         "thresholding": [False],
         "use_karras_sigmas": [False],
         "use_lu_lambdas": [False],
-        "variance_type": [None],
+        # DPM-Solver only reads "learned"/"learned_range"; the DDPM values a DDPMScheduler config (V5)
+        # carries over are ignored by the reference, so they are accepted here.
+        "variance_type": [None, "fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log"],
         "final_sigmas_type": ["zero", "sigma_min"],
         "rescale_betas_zero_snr": [False],
     }

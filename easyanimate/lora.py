@@ -389,6 +389,16 @@ class _ModuleTree:
             self.modules[full_name] = module
             self.by_dotted[local] = full_name
             self.by_underscored.setdefault(local.replace(".", "_"), []).append(full_name)
+        # Other names a model answers to (e.g. the V5 MMDiT's diffusers-layout names): {alias: module name}.
+        aliases = {} if root_prefix else (getattr(model, "lora_aliases", None) or {})
+        for alias, name in aliases.items():
+            full_name = self.by_dotted.get(name)
+            if full_name is None or alias in self.by_dotted:
+                continue
+            self.by_dotted[alias] = full_name
+            names = self.by_underscored.setdefault(alias.replace(".", "_"), [])
+            if full_name not in names:
+                names.append(full_name)
 
     def find(self, path: str) -> str | None:
         """The full module name `path` denotes in this tree, or None."""
@@ -421,9 +431,10 @@ def _text_encoder_root(model: nn.Module) -> str:
 
 
 def _describe_model(model: nn.Module, part: str) -> str:
-    family = getattr(getattr(model, "config", None), "family", None)
+    config = getattr(model, "config", None)
+    family, name = getattr(config, "family", None), getattr(config, "name", None)
     if part == TRANSFORMER and isinstance(family, str):
-        return f"EasyAnimate {family.upper()} transformer"
+        return f"EasyAnimate {name if isinstance(name, str) else family.upper()} transformer"
     if part == TEXT_ENCODER:
         return f"T5 text encoder ({type(model).__name__})"
     return f"{part} ({type(model).__name__})"

@@ -1,4 +1,4 @@
-"""Frame arithmetic of the three EasyAnimate families, in one place.
+"""Frame arithmetic of the EasyAnimate families, in one place.
 
 Pixel frames and latent frames are related differently in each family (docs/numerics.md#frame-arithmetic):
 
@@ -8,6 +8,10 @@ Pixel frames and latent frames are related differently in each family (docs/nume
 * V3 (slice VAE): slices of 8 frames become 2 latents and decode back to 8 frames; an odd count
   first encodes/decodes frame 0 on its own. In the decoder each 2-latent slice sees its neighbour
   slices through `conv_in` and the mid block ("feature sharing").
+* V5 / V5.1 (causal MagViT with a streaming cache): 1 + 4k frames <-> 1 + k latents. Frame 0 is
+  encoded (and latent 0 decoded) on its own, then every 4 frames become one latent and every latent
+  4 frames; the causal convolutions carry their last input frames from one chunk to the next, so the
+  chunks add up to one pass over the whole video.
 
 Spatially every family divides height and width by 8.
 
@@ -28,6 +32,8 @@ CAUSAL = "causal"  # V2: replicate 2 frames in front of every temporal conv; ups
 SLICE = "slice"  # V3: zero-pad 1 frame on both sides; upsampling doubles every frame
 SINGLE = "single"  # V3 lone first frame: zero padding, no temporal up/downsampling effect
 FRAME = "frame"  # V1: a 2-D VAE applied to one frame
+STREAM_START = "stream-start"  # V5: frame/latent 0 of a stream, alone: no temporal down/upsampling
+STREAM = "stream"  # V5: the next chunk of a stream, continuing from the cache of the previous one
 
 
 class FrameCountError(EasyAnimateError):
@@ -66,12 +72,17 @@ class Chunk(NamedTuple):
 @dataclass(frozen=True)
 class FrameRule:
     family: str
-    frames_per_chunk: int  # pixel frames encoded together (V1 1, V2 9, V3 8)
-    latents_per_chunk: int  # latent frames decoded together (V1 1, V2 3, V3 2)
+    frames_per_chunk: int  # pixel frames encoded together (V1 1, V2 9, V3 8, V5 4)
+    latents_per_chunk: int  # latent frames decoded together (V1 1, V2 3, V3 2, V5 1)
     causal: bool  # V2 padding/upsampling
     lone_first_frame: bool  # V3: odd counts handle frame 0 on its own
     share_decoder_features: bool  # V3: decoder stem sees the neighbouring slices
     temporal_stages: int = 2  # number of stride-2 temporal down/upsamplers
+    streaming: bool = False  # V5: frame 0 alone, then chunks carried on by the causal cache (1 + 4k frames)
+
+    @property
+    def temporal_factor(self) -> int:
+        return 2**self.temporal_stages
 
     # ------------------------------------------------------------------ the pipeline's rules
     def latent_frames(self, frames: int) -> int:
@@ -83,6 +94,9 @@ class FrameRule:
         frames = int(frames)
         if frames < 1:
             raise FrameCountError(f"A video needs at least 1 frame (got {frames}). {self.describe_valid()}")
+        if self.streaming:  # the V5 pipelines: F <- (F - 1) // 4 * 4 + 1
+            k = (frames - 1) // self.temporal_factor
+            return FrameCount(frames, k * self.temporal_factor + 1, k + 1)
         if frames == 1 or self.frames_per_chunk == 1:
             return FrameCount(frames, frames, frames)
         chunks = frames // self.frames_per_chunk
@@ -95,6 +109,11 @@ class FrameRule:
     def check_frames(self, frames: int) -> FrameCount:
         """Like `round_frames`, but refuse any count that would be changed."""
         count = self.round_frames(frames)
+        if count.changed and self.streaming:
+            raise FrameCountError(
+                f"EasyAnimate {self.family.upper()} cannot make {frames} frames: {self.describe_valid()} "
+                f"(the nearest valid counts are {count.frames} and {count.frames + self.temporal_factor})."
+            )
         if count.changed:
             raise FrameCountError(
                 f"EasyAnimate {self.family.upper()} cannot make {frames} frames: {self.describe_valid()} "
@@ -112,6 +131,9 @@ class FrameRule:
 
     def describe_valid(self) -> str:
         n = self.frames_per_chunk
+        if self.streaming:
+            f = self.temporal_factor
+            return f"valid counts are 1 + {f}k ({', '.join(str(1 + f * k) for k in range(4))}, …)"
         if n == 1:
             return "any positive number of frames is valid"
         return f"valid counts are 1 or a multiple of {n} ({n}, {2 * n}, {3 * n}, …)"
@@ -119,8 +141,10 @@ class FrameRule:
     # ------------------------------------------------------------------ per-chunk arithmetic
     def chunk_latents(self, frames: int, mode: str) -> int:
         """Latent frames one chunk of `frames` pixel frames becomes."""
-        if mode in (FRAME, SINGLE):
+        if mode in (FRAME, SINGLE, STREAM_START):
             return frames
+        if mode == STREAM:  # each stride-2 stage halves a chunk (whole chunks of 4 frames: exact)
+            return frames // self.temporal_factor
         for _ in range(self.temporal_stages):
             # kernel 3, stride 2, two frames of padding (causal: both in front) -> ceil(t / 2)
             frames = (frames - 1) // 2 + 1
@@ -128,8 +152,10 @@ class FrameRule:
 
     def chunk_frames(self, latents: int, mode: str) -> int:
         """Pixel frames one chunk of `latents` latent frames decodes to."""
-        if mode in (FRAME, SINGLE):
+        if mode in (FRAME, SINGLE, STREAM_START):
             return latents
+        if mode == STREAM:  # every temporal upsampler doubles every frame after the stream's first
+            return latents * self.temporal_factor
         for _ in range(self.temporal_stages):
             # causal upsampling keeps the first frame as is and doubles the others
             latents = 2 * latents - 1 if mode == CAUSAL else 2 * latents
@@ -142,7 +168,11 @@ class FrameRule:
         multi = FRAME if self.frames_per_chunk == 1 else (CAUSAL if self.causal else SLICE)
         plan, out = [], 0
         start = 0
-        if self.lone_first_frame and length % 2 == 1:
+        if self.streaming:
+            # frame/latent 0 alone, then chunks through the causal cache (no neighbour context needed)
+            plan.append(Chunk(0, 1, STREAM_START, 0, 1, 0, 1))
+            multi, out, start, share = STREAM, 1, 1, False
+        elif self.lone_first_frame and length % 2 == 1:
             n = per_chunk(1, SINGLE)
             plan.append(Chunk(0, 1, SINGLE, out, out + n, 0, 1))
             out, start = out + n, 1
@@ -169,14 +199,18 @@ FAMILY_RULES = {
     "v1": FrameRule("v1", 1, 1, causal=False, lone_first_frame=False, share_decoder_features=False, temporal_stages=0),
     "v2": FrameRule("v2", 9, 3, causal=True, lone_first_frame=False, share_decoder_features=False),
     "v3": FrameRule("v3", 8, 2, causal=False, lone_first_frame=True, share_decoder_features=True),
+    # V5 and V5.1 (one VAE): `mini_batch_encoder` 4 frames -> 1 latent, `mini_batch_decoder` 1 latent
+    "v5": FrameRule("v5", 4, 1, causal=True, lone_first_frame=True, share_decoder_features=False, streaming=True),
 }
+_FAMILY_ALIASES = {"v5.1": "v5", "v51": "v5"}
 
 
 def frame_rule(family: str) -> FrameRule:
     try:
-        return FAMILY_RULES[family.lower()]
+        name = family.lower()
+        return FAMILY_RULES[_FAMILY_ALIASES.get(name, name)]
     except (KeyError, AttributeError):
-        raise EasyAnimateError(f"Unknown EasyAnimate family '{family}'; use one of v1, v2, v3.") from None
+        raise EasyAnimateError(f"Unknown EasyAnimate family '{family}'; use one of v1, v2, v3, v5 (v5.1).") from None
 
 
 def latent_size(height: int, width: int) -> tuple[int, int]:

@@ -1,9 +1,11 @@
-"""The VAEs of EasyAnimate V1–V3: loading, and driving them over whole videos with bounded memory.
+"""The VAEs of EasyAnimate V1–V3 and V5/V5.1: loading, and driving them over whole videos with bounded memory.
 
     vae = load_vae("EasyAnimateV3-XL-2-InP-512x512", dtype="bf16", device="cuda")
     latents = vae.encode_latents(video, generator=g)             # (B,3,F,H,W) in [-1,1] -> scaled latents
     frames = vae.decode_video(latents)                          # scaled latents -> (B,3,F,H,W) in [0,1]
     frames = vae.decode_video(latents, reference_parity=True, generator=g)   # + the reference's smoothing
+    v5 = load_vae("EasyAnimateV5.1-12b-zh-InP")                 # V5/V5.1: 1 + 4k frames, 16 channels
+    latents = v5.encode_latents(video)                          # the posterior mode, as V5 pipelines use
 
 How each family walks a video (docs/numerics.md#vae; the arithmetic lives in `easyanimate.frames`):
 
@@ -11,6 +13,11 @@ How each family walks a video (docs/numerics.md#vae; the arithmetic lives in `ea
 * V2: independent chunks, 9 frames <-> 3 latents, causal padding.
 * V3: slices, 8 frames <-> 2 latents, an odd first frame on its own; the decoder's first stages see
   the neighbouring slices. Optional spatial tiling with overlap blending (on in the V3 release config).
+* V5 / V5.1 ("v5"): a causal stream, 1 + 4k frames <-> 1 + k latents of 16 channels; frame 0 alone, then
+  4 frames per latent, the causal convolutions carrying their last frames across chunks. Each sample
+  (and each spatial tile) is its own stream; tiling is off as in the release. The pipelines encode
+  with the posterior mode (`encode_latents(sample=False)`, the V5 default) and decode without a
+  smoothing pass.
 
 Memory: every encode/decode preallocates its output and writes each slice's (and tile's) result
 straight into it, so the working memory is that of one slice of one tile whatever the video length.
@@ -19,7 +26,10 @@ directly, without the blocked copies of each convolution's input and output that
 costs, which is both faster and smaller; the numbers agree to float rounding (about 1e-6 relative).
 Tiling and slicing commute here (a tile's slice depends only on the same tile of the neighbouring
 latent slices), so slices are the outer loop and a tile grid only keeps the blend strips of the
-current slice. The reference's results are reproduced exactly, tile for tile.
+current slice. The reference's results are reproduced exactly, tile for tile. A V5 stream cannot be
+cut that way (each tile carries its own causal cache), so there tiles are the outer loop, each tile
+streams through time, and the blend strips of the tiles above and to the left are kept for every
+frame (a fraction `overlap` of the output, in pixels).
 """
 from __future__ import annotations
 
@@ -43,7 +53,7 @@ from .frames import FAMILY_RULES, FrameRule, latent_size
 
 log = logging.getLogger(__name__)
 
-FAMILIES = ("v1", "v2", "v3")
+FAMILIES = ("v1", "v2", "v3", "v5")
 # Keys of training leftovers in released VAE files (discriminators, perceptual loss, logvar).
 IGNORED_PREFIXES = ("loss.",)
 # Peak working memory of one slice, in multiples of a full-resolution activation of the given width
@@ -52,6 +62,12 @@ IGNORED_PREFIXES = ("loss.",)
 # one), with some margin.
 DECODE_ACTIVATION_MULTIPLE = 2.5
 ENCODE_ACTIVATION_MULTIPLE = 4
+# V5 streams: besides the causal caches (counted exactly), the peak of one chunk in multiples of its
+# widest activation (measured on the released widths, float32, CPU, as the growth of the peak from 64 to
+# 128 px: decode 3.0x the 256-channel full-size activation of one latent's 4 frames, encode 4.5x the
+# 128-channel one of 4 frames), with some margin.
+STREAM_DECODE_ACTIVATION_MULTIPLE = 3.5
+STREAM_ENCODE_ACTIVATION_MULTIPLE = 5
 
 
 # ---------------------------------------------------------------------------------------- configs
@@ -62,20 +78,25 @@ def family_defaults(family: str) -> dict:
 
 
 def detect_family(config: dict | None, keys: Sequence[str] = ()) -> str | None:
-    """V1/V2/V3 from a VAE config (block types, `slice_compression_vae`), else from weight names (V1 vs MagViT only).
+    """V1/V2/V3/V5 from a VAE config (block types, `slice_compression_vae`; V5: `cache_mag_vae`, or 16
+    latent channels in a diffusers-format config), else from weight names (V1 vs MagViT only).
 
     Returns None when only the weights are known and they are MagViT: V2 and V3 share the network,
     only the driving differs, and nothing in the file says which.
     """
     config = config or {}
-    if config.get("cache_mag_vae") or config.get("cache_compression_vae"):
+    if config.get("cache_compression_vae"):
         raise UnsupportedModelError(
-            "This VAE config enables `cache_mag_vae`/`cache_compression_vae`: it is an EasyAnimate V5 VAE, "
-            "which this pack does not run (V1–V3 only)."
+            "This VAE config enables `cache_compression_vae`: it is an EasyAnimate V4 VAE, which this pack does "
+            "not run (V1–V3 and V5/V5.1)."
         )
+    if config.get("cache_mag_vae"):
+        return "v5"
     blocks = " ".join(config.get("down_block_types") or [])
     if "DownEncoderBlock2D" in blocks:
         return "v1"
+    if "Spatial" in blocks and config.get("latent_channels") == 16 and not config.get("slice_compression_vae"):
+        return "v5"  # a diffusers-format V5 config: no mode switches, 16 latent channels
     if "Spatial" in blocks or "ch_mult" in config or "slice_compression_vae" in config:
         if "slice_compression_vae" in config:
             return "v3" if config["slice_compression_vae"] else "v2"
@@ -114,6 +135,17 @@ def resolve_config(
 def frame_rule_for(family: str, config: dict) -> FrameRule:
     if family == "v1":
         return FAMILY_RULES["v1"]
+    if family == "v5":
+        from dataclasses import replace
+
+        from .models.vae_magvit5 import MagvitV5Config
+
+        return replace(
+            FAMILY_RULES["v5"],
+            frames_per_chunk=int(config["mini_batch_encoder"]),
+            latents_per_chunk=int(config["mini_batch_decoder"]),
+            temporal_stages=MagvitV5Config.from_dict(config).temporal_stages,
+        )
     from .models.vae_magvit import MagvitConfig
 
     base = FAMILY_RULES[family]
@@ -136,17 +168,32 @@ class Tiling:
     `sample_size` is the tile edge in pixels (`tile_sample_min_size`, 384 in V3), `overlap` the
     fraction of a tile shared with its neighbour (`tile_overlap_factor`, 0.25). Frames no larger than
     one tile are not tiled, as in the reference, unless `force` (useful in tests).
+
+    V5 tiles follow diffusers' `enable_tiling(tile_sample_min_height/width=sample_size,
+    tile_sample_stride_height/width=stride)`: tiles start every `stride` pixels (default
+    `sample_size - int(sample_size * overlap)`; both multiples of 8) and blend linearly over the
+    remaining `sample_size - stride`. `whole_encode_tiles` reproduces diffusers' tiled encode exactly:
+    it keeps every tile whole instead of its first `stride` pixels and crops the concatenation, which
+    shifts the content of every tile after the first by the overlap (docs/numerics.md#v5-vae); off, each
+    encoded tile keeps its first `stride / 8` latents, as the decode does. Both are V5 only.
     """
 
     sample_size: int = 384
     overlap: float = 0.25
     force: bool = False
+    stride: int | None = None
+    whole_encode_tiles: bool = False
 
     def __post_init__(self):
         if self.sample_size < 16 or not 0 <= self.overlap < 1:
             raise EasyAnimateError(
                 f"Invalid tiling: tile size {self.sample_size} px, overlap {self.overlap}. "
                 "Use a tile of at least 16 px (multiples of 16 work best) and an overlap in [0, 1)."
+            )
+        if self.stride is not None and not 0 < self.stride <= self.sample_size:
+            raise EasyAnimateError(
+                f"Invalid tiling: a stride of {self.stride} px for {self.sample_size} px tiles. Tiles must "
+                "overlap or touch: use a stride in (0, tile size]."
             )
 
 
@@ -173,6 +220,43 @@ def _grid_for(tiling: Tiling, spatial_factor: int, decode: bool) -> _TileGrid:
         int(latent_tile * tiling.overlap),
         latent_tile - int(latent_tile * tiling.overlap),
     )
+
+
+def _stream_grid_for(tiling: Tiling, spatial_factor: int, decode: bool) -> _TileGrid:
+    """The V5 tile grid (diffusers' `tiled_encode`/`tiled_decode`): tiles of `sample_size` px every
+    `stride` px, blended over the difference, in latent units on the latent side."""
+    sample = tiling.sample_size
+    stride = tiling.stride if tiling.stride is not None else sample - int(sample * tiling.overlap)
+    if sample % spatial_factor or stride % spatial_factor:
+        raise EasyAnimateError(
+            f"Invalid V5 tiling: {sample} px tiles every {stride} px. Both must be multiples of {spatial_factor} "
+            "px (the VAE's spatial factor), e.g. Tiling(512, stride=448)."
+        )
+    lat_tile, lat_stride = sample // spatial_factor, stride // spatial_factor
+    if decode:
+        return _TileGrid(lat_tile, lat_stride, sample - stride, stride)
+    keep = lat_tile if tiling.whole_encode_tiles else lat_stride
+    return _TileGrid(sample, stride, lat_tile - lat_stride, keep)
+
+
+def _tile_starts(grid: _TileGrid, size_in: int, size_out: int) -> list[tuple[int, int, int]]:
+    """(input start, output start, output kept) of the tiles along one axis whose kept part reaches into
+    the output; a tile wholly past the end (only with whole encode tiles) is skipped, its result
+    would be cropped away."""
+    ratio = size_out / size_in
+    starts, offset = [], 0
+    for start in range(0, size_in, grid.step):
+        if offset >= size_out:
+            break
+        kept = min(grid.keep, round(min(grid.tile, size_in - start) * ratio))
+        starts.append((start, offset, min(kept, size_out - offset)))
+        offset += kept
+    if offset < size_out:
+        raise EasyAnimateError(
+            f"Tiling parameters do not tile this frame: tiles cover {offset} of {size_out}. "
+            "Use tiles and strides that are multiples of 8 px."
+        )
+    return starts
 
 
 def _blend_into(previous: torch.Tensor, current: torch.Tensor, extent: int, dim: int) -> None:
@@ -204,6 +288,45 @@ def _clamped(write: Callable) -> Callable:
         write(dst, src.clamp(-1, 1))
 
     return clamp_then_write
+
+
+def run_tiled_stream(stream: Callable, x: torch.Tensor, grid: _TileGrid | None, dst: torch.Tensor,
+                     write: Callable = _copy) -> None:
+    """Run `stream` on `x` (…, H, W) tile by tile in raster order and write the blended result to `dst`.
+
+    `stream(tile)` yields its result in pieces along time: (first frame, end frame, piece) in `dst`'s
+    frame axis (dim 2). Each piece is blended as it comes with the already-blended tile above and then
+    the one to its left (the blends are per frame), cropped and written; a tile's own bottom and right
+    strips are kept (for every frame) for its neighbours. That is diffusers' order of blends for the
+    V5 VAE, with memory flat in time apart from those strips.
+    """
+    if grid is None:
+        for first, end, piece in stream(x):
+            write(dst[:, :, first:end], piece)
+        return
+    rows = _tile_starts(grid, x.shape[-2], dst.shape[-2])
+    cols = _tile_starts(grid, x.shape[-1], dst.shape[-1])
+    frames = dst.shape[2]
+    above: list[torch.Tensor | None] = [None] * len(cols)
+    for top, y0, kh in rows:
+        left = None
+        for c, (start, x0, kw) in enumerate(cols):
+            bottom = right = None
+            for first, end, piece in stream(x[..., top : top + grid.tile, start : start + grid.tile]):
+                if above[c] is not None:
+                    _blend_into(above[c][:, :, first:end], piece, grid.blend, dim=piece.ndim - 2)
+                if left is not None:
+                    _blend_into(left[:, :, first:end], piece, grid.blend, dim=piece.ndim - 1)
+                th, tw = piece.shape[-2:]
+                if bottom is None:
+                    lead = tuple(piece.shape[:2])
+                    bottom = piece.new_empty(lead + (frames, min(grid.blend, th), tw))
+                    right = piece.new_empty(lead + (frames, th, min(grid.blend, tw)))
+                bottom[:, :, first:end] = piece[..., th - bottom.shape[-2] :, :]
+                right[:, :, first:end] = piece[..., tw - right.shape[-1] :]
+                write(dst[:, :, first:end, y0 : y0 + kh, x0 : x0 + kw], piece[..., :kh, :kw])
+                del piece
+            above[c], left = bottom, right
 
 
 def run_tiled(fn: Callable, x: torch.Tensor, grid: _TileGrid | None, dst: torch.Tensor, write: Callable = _copy) -> None:
@@ -258,7 +381,8 @@ class VideoVAE:
         self.config = config
         self.rules: FrameRule = frame_rule_for(family, config)
         self.scaling_factor = float(config.get("scaling_factor", 0.18215))
-        channels = config["block_out_channels"] if family == "v1" else [config["ch"] * m for m in config["ch_mult"]]
+        channels = (config["block_out_channels"] if family in ("v1", "v5")
+                    else [config["ch"] * m for m in config["ch_mult"]])
         self.block_out_channels = list(channels)
         self.spatial_factor = 2 ** (len(channels) - 1)
         self.latent_channels = int(config["latent_channels"])
@@ -269,6 +393,15 @@ class VideoVAE:
             if config.get("use_tiling")
             else None
         )
+        self._stream_elements = None
+        if family == "v5":
+            from .models.vae_magvit5 import MagvitV5Config
+
+            arch = MagvitV5Config.from_dict(config)
+            self._stream_elements = {
+                True: arch.stream_elements_per_pixel(True, self.rules.latents_per_chunk),
+                False: arch.stream_elements_per_pixel(False, self.rules.frames_per_chunk),
+            }
 
     @property
     def device(self) -> torch.device:
@@ -288,7 +421,8 @@ class VideoVAE:
             tiling = self.tiling
         if not tiling:
             return None
-        grid = _grid_for(tiling, self.spatial_factor, decode)
+        grid_for = _stream_grid_for if self.rules.streaming else _grid_for
+        grid = grid_for(tiling, self.spatial_factor, decode)
         if not tiling.force and max(size) <= grid.tile:
             return None
         return grid
@@ -303,15 +437,24 @@ class VideoVAE:
         the width that dominates (the channels entering the last decoder stage; the first encoder stage)
         for every frame of a slice. The one estimate the hosts load the VAE with and a memory budget picks
         its tiles with (`tiling_for_budget`).
+
+        V5: one latent (or 4 frames) at a time through the causal caches of every convolution (counted
+        exactly: the last frames of each convolution's input), plus a multiple of the chunk's widest
+        activation; samples are decoded one after another, so `batch` does not multiply it.
         """
         grid = self._grid(tiling, None, size, decode)
         if grid is not None:
             size = (min(size[0], grid.tile), min(size[1], grid.tile))
-        return int(batch * size[0] * size[1] * self._bytes_per_input_pixel(decode))
+        samples = 1 if self.rules.streaming else batch
+        return int(samples * size[0] * size[1] * self._bytes_per_input_pixel(decode))
 
     def _bytes_per_input_pixel(self, decode: bool) -> float:
         ch, rules = self.block_out_channels, self.rules
         itemsize = torch.finfo(self.compute_dtype).bits // 8
+        if rules.streaming:
+            cached, widest = self._stream_elements[decode]
+            multiple = STREAM_DECODE_ACTIVATION_MULTIPLE if decode else STREAM_ENCODE_ACTIVATION_MULTIPLE
+            return (cached + multiple * widest) * itemsize
         if decode:
             widest = ch[1] if len(ch) > 1 else ch[0]  # channels entering the last stage at full size
             frames = rules.chunk_frames(rules.latents_per_chunk, rules.decode_plan(rules.latents_per_chunk)[-1].mode)
@@ -367,16 +510,22 @@ class VideoVAE:
 
         Chunks/slices are encoded one at a time into a preallocated moments tensor on `video`'s device.
         `progress(done, total)` is called after each chunk (hosts update a bar or stop there).
+        V5 takes 1 + 4k frames (others are refused with the nearest valid counts).
         """
         from .models.vae_magvit import DiagonalGaussian
 
         self._check_input(video, int(self.config.get("in_channels", 3)), "pixels", "encode", "(B, 3, F, H, W) in [-1, 1]")
         b, _, frames, height, width = video.shape
         lat_h, lat_w = latent_size(height, width)
+        if self.rules.streaming:
+            self.rules.check_frames(frames)
         plan = self.rules.encode_plan(frames)
         shape = (b, 2 * self.latent_channels, plan[-1].out_stop, lat_h, lat_w)
         moments = torch.empty(shape, dtype=self.compute_dtype, device=video.device)
         grid = self._grid(tiling, memory_budget, (height, width), decode=False)
+        if self.rules.streaming:
+            self._run_streams(self.model.encode_chunk, video, plan, grid, moments, _copy, progress)
+            return DiagonalGaussian(moments)
         for done, chunk in enumerate(plan, start=1):
 
             def encode_tile(x, mode=chunk.mode):
@@ -387,6 +536,35 @@ class VideoVAE:
             if progress is not None:
                 progress(done, len(plan))
         return DiagonalGaussian(moments)
+
+    def _run_streams(self, step: Callable, source: torch.Tensor, plan, grid, dst: torch.Tensor, write: Callable,
+                     progress: Callable[[int, int], None] | None) -> None:
+        """V5: every sample, and every tile of it, is one causal stream with a fresh `StreamCache`, fed the
+        chunks of `plan` in order (frame/latent 0 alone, then 4 frames / 1 latent at a time); each chunk's
+        result goes straight into `dst`. Samples are independent streams (the reference's sliced decode
+        of a batch > 1 carries the cache from one sample into the next)."""
+        from .models.vae_magvit5 import StreamCache
+
+        tiles = 1
+        if grid is not None:
+            tiles = (len(_tile_starts(grid, source.shape[-2], dst.shape[-2]))
+                     * len(_tile_starts(grid, source.shape[-1], dst.shape[-1])))
+        # progress(done, len(plan)) once per plan chunk's worth of work, whatever the samples and tiles
+        steps, done, reported = source.shape[0] * tiles * len(plan), 0, 0
+
+        def stream(x):
+            nonlocal done, reported
+            cache = StreamCache()
+            for chunk in plan:
+                yield chunk.out_start, chunk.out_stop, step(self._compute(x[:, :, chunk.start : chunk.stop]), cache)
+                done += 1
+                if progress is not None and done * len(plan) // steps > reported:
+                    reported = done * len(plan) // steps
+                    progress(reported, len(plan))
+            cache.clear()
+
+        for sample in range(source.shape[0]):
+            run_tiled_stream(stream, source[sample : sample + 1], grid, dst[sample : sample + 1], write)
 
     def _sample(self, posterior, frames: int, generator, noise):
         """Sample as the reference pipelines do: V3 draws once for the whole clip, V2 once per
@@ -412,10 +590,15 @@ class VideoVAE:
 
     @torch.no_grad()
     def encode_latents(
-        self, video, *, generator=None, noise=None, sample: bool = True, tiling=None, memory_budget=None, progress=None
+        self, video, *, generator=None, noise=None, sample: bool | None = None, tiling=None, memory_budget=None,
+        progress=None,
     ) -> torch.Tensor:
         """Pipeline encode, as the reference does it: pixels in [-1, 1] -> posterior sample x scaling factor.
-        `sample=False` uses the posterior mean instead (deterministic, no generator needed)."""
+        `sample=False` uses the posterior mean instead (deterministic, no generator needed). The default
+        is each family's pipelines': a sample for V1–V3, the mode (mean) for V5, whose pipelines encode
+        every conditioning video with `.mode()`."""
+        if sample is None:
+            sample = not self.rules.streaming
         posterior = self.encode(video, tiling=tiling, memory_budget=memory_budget, progress=progress)
         latents = self._sample(posterior, video.shape[2], generator, noise) if sample else posterior.mode()
         return latents * self.scaling_factor
@@ -469,6 +652,9 @@ class VideoVAE:
             raise EasyAnimateError(f"Output buffer has shape {tuple(out.shape)}; decoding these latents gives {shape}.")
         grid = self._grid(tiling, memory_budget, (lat_h, lat_w), decode=True)
         write = _clamped(write) if clamp else write
+        if self.rules.streaming:
+            self._run_streams(self.model.decode_chunk, latents, plan, grid, out, write, progress)
+            return out
         for done, chunk in enumerate(plan, start=1):
             before, after = chunk.start - chunk.context_start, chunk.context_stop - chunk.stop
 
@@ -501,9 +687,16 @@ class VideoVAE:
         trip: frames [a : -b] (a = chunk // 2) are re-encoded, sampled, decoded and averaged with the
         first decode. It needs `generator` (a CPU generator seeded like the reference's global RNG
         reproduces its draw) or recorded `noise`, and costs about one extra encode and decode.
+        V5 pipelines have no smoothing pass (their decode is already seamless): latents / scaling factor
+        -> decoder -> clamp(-1, 1) -> [0, 1].
         """
         if smooth is None:
-            smooth = reference_parity
+            smooth = reference_parity and not self.rules.streaming
+        if smooth and self.rules.streaming:
+            raise EasyAnimateError(
+                "The V5 VAE has no smoothing pass (its causal stream has no seams, and the V5 pipelines do not "
+                "smooth): call decode_video without smooth=True."
+            )
         self._check_input(latents, self.latent_channels, "latents", "decode", "(B, C, F, h, w)")
         if smooth and generator is None and noise is None:
             raise EasyAnimateError(
@@ -542,7 +735,7 @@ def _check_config_fits_weights(family: str, config: dict, shapes: dict, folder, 
     inner = "resnets" if family == "v1" else "convs"
     blocks = count_indexed(shapes, "encoder.down_blocks.")
     held_widths = [shapes.get(f"encoder.down_blocks.{i}.{inner}.0.conv1.weight", [None])[0] for i in range(blocks)]
-    if family == "v1":
+    if family in ("v1", "v5"):
         claimed_widths = config.get("block_out_channels")
         width_key = "block_out_channels"
     else:
@@ -587,8 +780,9 @@ def _common_prefix(keys) -> str:
     return ""
 
 
-def _infer_magvit_shape(shapes: dict) -> dict:
-    """ch, ch_mult, latent_channels, layers_per_block from tensor shapes (config-less single files)."""
+def _infer_magvit_shape(shapes: dict, family: str = "v2") -> dict:
+    """ch, ch_mult (V5: block_out_channels), latent_channels, layers_per_block from tensor shapes
+    (config-less single files)."""
     found = {}
     if "encoder.conv_in.weight" in shapes:
         found["ch"] = shapes["encoder.conv_in.weight"][0]
@@ -597,7 +791,10 @@ def _infer_magvit_shape(shapes: dict) -> dict:
         while f"encoder.down_blocks.{i}.convs.0.conv1.weight" in shapes:
             outs.append(shapes[f"encoder.down_blocks.{i}.convs.0.conv1.weight"][0])
             i += 1
-        if outs:
+        if outs and family == "v5":
+            del found["ch"]
+            found["block_out_channels"] = outs
+        elif outs:
             found["ch_mult"] = [o // found["ch"] for o in outs]
         found["layers_per_block"] = len({k.split(".")[4] for k in shapes if k.startswith("encoder.down_blocks.0.convs.")})
     if "post_quant_conv.weight" in shapes:
@@ -634,9 +831,45 @@ def _construct(family, config, dtype, device, operations):
         from .models.vae_kl import AutoencoderKL2D, KLConfig
 
         return AutoencoderKL2D(KLConfig.from_dict(config), dtype=dtype, device=device, operations=operations)
+    if family == "v5":
+        from .models.vae_magvit5 import MagvitV5Config, MagvitV5VAE
+
+        _check_v5_config(config)
+        return MagvitV5VAE(MagvitV5Config.from_dict(config), dtype=dtype, device=device, operations=operations)
     from .models.vae_magvit import MagvitConfig, MagvitVAE
 
     return MagvitVAE(MagvitConfig.from_dict(config), dtype=dtype, device=device, operations=operations)
+
+
+_FAMILY_ALIASES = {"v5.1": "v5", "v51": "v5"}  # V5.1 ships the V5 VAE
+_NETWORKS = {"v1": "sd", "v2": "magvit", "v3": "magvit", "v5": "magvit-stream"}
+
+
+def _check_v5_config(config: dict) -> None:
+    """The switches a V5 VAE config may carry must describe the released mode, or the numbers would be
+    another network's: refuse what this pack does not compute instead of ignoring it."""
+    wrong = []
+    if not config.get("spatial_group_norm", True):
+        wrong.append("spatial_group_norm false (3-D GroupNorm over the chunk, trilinear upsampling)")
+    if config.get("mid_block_use_attention"):
+        wrong.append("mid_block_use_attention true")
+    for key in ("slice_mag_vae", "slice_compression_vae", "cache_compression_vae"):
+        if config.get(key):
+            wrong.append(f"{key} true")
+    if int(config.get("latent_channels", 16)) != 16:
+        wrong.append(f"latent_channels {config.get('latent_channels')}")
+    factor = 2 ** sum(t == "SpatialTemporalDownBlock3D" for t in (config.get("down_block_types") or [])[:-1])
+    chunk, latents = config.get("mini_batch_encoder"), config.get("mini_batch_decoder")
+    if not (isinstance(chunk, int) and chunk > 0 and chunk % factor == 0):
+        wrong.append(f"mini_batch_encoder {chunk!r} (must be a positive multiple of {factor})")
+    if not (isinstance(latents, int) and latents > 0):
+        wrong.append(f"mini_batch_decoder {latents!r} (must be a positive integer)")
+    if wrong:
+        raise UnsupportedModelError(
+            "This V5 (cache_mag_vae) VAE config asks for " + "; ".join(wrong) + ". The released V5/V5.1 VAE "
+            "uses per-frame GroupNorm, no mid-block attention, 16 latent channels and chunks of 4 frames / "
+            "1 latent (easyanimate/configs/vae_v5.json); this pack runs that mode only."
+        )
 
 
 def load_vae(
@@ -648,15 +881,20 @@ def load_vae(
     device="cpu",
     operations=None,
 ) -> VideoVAE:
-    """Load the VAE of an EasyAnimate V1/V2/V3 release.
+    """Load the VAE of an EasyAnimate V1/V2/V3 or V5/V5.1 release.
 
     `path`: a release folder (its `vae/` is used), a `vae/` folder (config.json + weights), or one
     weights file (.safetensors, or .bin/.pt through `torch.load(weights_only=True)`). Single files
     carry no config: pass `family` ("v2"/"v3" cannot be told apart from MagViT weights) and/or
     `config` (a dict or a config.json path); sizes are otherwise read from the tensor shapes.
     `dtype`: fp32, bf16 or fp16 (fp16 keeps fp16-rounded weights but computes in float32, as the
-    reference's `upcast_vae` does). Training leftovers (`loss.*`) are ignored; any other missing or
-    unexpected tensor is an error.
+    reference's `upcast_vae` does). Training leftovers (`loss.*`) are ignored, and in V5 files the 20
+    unused mid-block attention tensors of the original release; any other missing or unexpected tensor
+    is an error.
+
+    V5 (family "v5", also V5.1's VAE) is recognised by `cache_mag_vae` or 16 latent channels in the config,
+    or by 16-channel MagViT weights. Its `config.json` alone drives it; a key it leaves out takes the
+    released value (`easyanimate/configs/vae_v5.json`), never the original class's V2-era default.
     """
     path = Path(path)
     folder, files = _find_folder(path)
@@ -676,21 +914,30 @@ def load_vae(
         )
     merged_source = {**(file_config or {}), **(config or {})}
     detected = detect_family(merged_source or None, list(shapes))
+    held_latents = shapes.get("post_quant_conv.weight", [None])[0]
+    if detected is None and held_latents == 16:
+        detected = "v5"  # config-less 16-channel MagViT weights: only V5 has them
     if family is None:
         family = detected
-    elif detected == "v1" and family.lower() != "v1" or detected in ("v2", "v3") and family.lower() == "v1":
+    elif detected is not None and _NETWORKS.get(detected) != _NETWORKS.get(
+            _FAMILY_ALIASES.get(family.lower(), family.lower())):
+        # V2 and V3 share one network (the caller's family picks the driving); V1 and V5 have their own
         raise LayoutError(f"'{path}' holds a {detected.upper()} VAE, but family='{family}' was requested.")
     if family is None:
         raise LayoutError(
             f"'{path}' holds MagViT VAE weights without a config: V2 (9-frame chunks) and V3 (8-frame slices) "
             "share them. Pass family='v2' or family='v3' (or the release's vae/config.json as config=)."
         )
-    family = family.lower()
-    inferred = _infer_magvit_shape(shapes) if family != "v1" else {}
-    if family != "v1" and shapes.get("post_quant_conv.weight", [4])[0] != 4:
+    family = _FAMILY_ALIASES.get(family.lower(), family.lower())
+    inferred = _infer_magvit_shape(shapes, family) if family != "v1" else {}
+    if family in ("v2", "v3") and held_latents not in (None, 4):
         raise UnsupportedModelError(
-            f"'{path}' has {shapes['post_quant_conv.weight'][0]} latent channels: it is not an EasyAnimate V1–V3 VAE "
-            "(V5 uses 16). This pack runs V1–V3 only."
+            f"'{path}' has {held_latents} latent channels: it is not an EasyAnimate V2/V3 VAE (they use 4; V5 uses 16)."
+        )
+    if family == "v5" and held_latents not in (None, 16):
+        raise UnsupportedModelError(
+            f"'{path}' is configured as an EasyAnimate V5 VAE (`cache_mag_vae`), but its weights have {held_latents} "
+            "latent channels; the V5/V5.1 VAE has 16. Use the `vae/` folder of a V5 release."
         )
     overrides = dict(config or {})
     if detected in ("v2", "v3") and family != detected:
@@ -699,6 +946,8 @@ def load_vae(
         overrides = {**{k: family_defaults(family)[k] for k in driving}, **overrides}
     resolved = resolve_config(family, file_config, overrides, inferred)
     _check_config_fits_weights(family, resolved, shapes, folder, config_arg, files)
+    from .models.vae_magvit5 import UNUSED_ATTENTION_KEYS
+
     vae = build_vae(family, resolved, dtype=dtype, device=device, operations=operations, meta=True)
     requested = parse_dtype(dtype)
 
@@ -706,7 +955,7 @@ def load_vae(
         if not key.startswith(prefix):
             return None
         key = key[len(prefix) :]
-        if key.startswith(IGNORED_PREFIXES):
+        if key.startswith(IGNORED_PREFIXES) or family == "v5" and key in UNUSED_ATTENTION_KEYS:
             return None
         if family == "v1":
             from .models.vae_kl import rename_old_attention
@@ -734,8 +983,10 @@ def load_vae(
     if vae.compute_dtype != requested:
         vae.model.float()
     log.info(
-        "Loaded %s VAE from %s: slice_compression_vae=%s, mini_batch_encoder=%s, mini_batch_decoder=%s, use_tiling=%s, compute %s",
-        family, path, resolved.get("slice_compression_vae"), resolved.get("mini_batch_encoder"),
-        resolved.get("mini_batch_decoder"), resolved.get("use_tiling"), vae.compute_dtype,
+        "Loaded %s VAE from %s: slice_compression_vae=%s, cache_mag_vae=%s, mini_batch_encoder=%s, "
+        "mini_batch_decoder=%s, use_tiling=%s, scaling_factor=%s, compute %s",
+        family, path, resolved.get("slice_compression_vae"), resolved.get("cache_mag_vae"),
+        resolved.get("mini_batch_encoder"), resolved.get("mini_batch_decoder"), resolved.get("use_tiling"),
+        resolved.get("scaling_factor"), vae.compute_dtype,
     )
     return vae

@@ -1,14 +1,17 @@
-"""Frame arithmetic of the three families (docs/numerics.md#frame-arithmetic): counts, rounding, slicing plans."""
+"""Frame arithmetic of the families (docs/numerics.md#frame-arithmetic): counts, rounding, slicing plans."""
 import pytest
 
 from easyanimate.errors import EasyAnimateError
-from easyanimate.frames import CAUSAL, SINGLE, SLICE, FrameCountError, frame_rule, latent_size, pixel_size
+from easyanimate.frames import (
+    CAUSAL, SINGLE, SLICE, STREAM, STREAM_START, FrameCountError, frame_rule, latent_size, pixel_size,
+)
 
 
 @pytest.mark.parametrize(
     "family, frames, latents",
     [("v3", 144, 36), ("v3", 72, 18), ("v3", 8, 2), ("v3", 1, 1), ("v2", 144, 48), ("v2", 72, 24), ("v2", 9, 3),
-     ("v2", 1, 1), ("v1", 80, 80), ("v1", 5, 5)],
+     ("v2", 1, 1), ("v1", 80, 80), ("v1", 5, 5), ("v5", 49, 13), ("v5", 25, 7), ("v5", 5, 2), ("v5", 1, 1),
+     ("v5.1", 49, 13)],
 )
 def test_latent_frames_of_valid_counts(family, frames, latents):
     rule = frame_rule(family)
@@ -17,7 +20,8 @@ def test_latent_frames_of_valid_counts(family, frames, latents):
     assert rule.pixel_frames(latents) == frames
 
 
-@pytest.mark.parametrize("family, requested, frames, latents", [("v3", 20, 16, 4), ("v3", 143, 136, 34), ("v2", 100, 99, 33)])
+@pytest.mark.parametrize("family, requested, frames, latents", [("v3", 20, 16, 4), ("v3", 143, 136, 34), ("v2", 100, 99, 33),
+                                                                ("v5", 48, 45, 12), ("v5", 4, 1, 1), ("v5", 50, 49, 13)])
 def test_rounding_follows_the_reference_and_reports_the_count(family, requested, frames, latents):
     count = frame_rule(family).round_frames(requested)
     assert (count.frames, count.latents, count.changed) == (frames, latents, True)
@@ -56,6 +60,24 @@ def test_decode_plans_carry_modes_and_neighbour_context():
     assert [(c.start, c.stop, c.mode, c.context_start, c.context_stop) for c in v2] == [(0, 3, CAUSAL, 0, 3), (3, 6, CAUSAL, 3, 6)]
     # encoder slices never share features
     assert all((c.context_start, c.context_stop) == (c.start, c.stop) for c in frame_rule("v3").encode_plan(33))
+
+
+def test_v5_counts_are_one_plus_four_k_with_the_first_frame_alone():
+    v5 = frame_rule("v5")
+    with pytest.raises(FrameCountError, match=r"1 \+ 4k .*nearest valid counts are 45 and 49"):
+        v5.check_frames(47)
+    with pytest.raises(FrameCountError, match="nearest valid counts are 1 and 5"):
+        v5.check_frames(3)
+    with pytest.raises(FrameCountError, match="at least 1"):
+        v5.round_frames(0)
+    # frame 0 alone, then 4 frames -> 1 latent; latent 0 alone, then 1 latent -> 4 frames
+    assert [(c.start, c.stop, c.mode, c.out_start, c.out_stop) for c in v5.encode_plan(9)] == [
+        (0, 1, STREAM_START, 0, 1), (1, 5, STREAM, 1, 2), (5, 9, STREAM, 2, 3)]
+    assert [(c.start, c.stop, c.mode, c.out_start, c.out_stop) for c in v5.decode_plan(3)] == [
+        (0, 1, STREAM_START, 0, 1), (1, 2, STREAM, 1, 5), (2, 3, STREAM, 5, 9)]
+    assert all((c.context_start, c.context_stop) == (c.start, c.stop) for c in v5.decode_plan(13))
+    assert [v5.pixel_frames(n) for n in (1, 2, 13)] == [1, 5, 49]
+    assert [v5.encoded_latents(f) for f in (1, 5, 49)] == [1, 2, 13]
 
 
 def test_spatial_factor():

@@ -654,35 +654,41 @@ def describe_model(path: Path) -> dict:
     root = path
     if not (root / "transformer").is_dir() and (root / "config.json").is_file():
         return {"path": str(path), "kind": "component folder", "components": {path.name: _describe_component(path)}, "missing": []}
-    parts = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler", "image_encoder")
-    if not any((root / name).is_dir() for name in parts):
+    if not any((root / name).is_dir() for parts in RELEASE_PARTS.values() for name, _ in parts):
         found = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir())[:10]
         raise LayoutError(
             f"'{path}' is not a model folder: a release folder holds transformer/, vae/, text_encoder/, tokenizer/ "
             f"(and scheduler/, image_encoder/), a component folder a config.json; found: {', '.join(found) or 'nothing'}. "
             "Pass a release folder, a component folder or a weights file."
         )
-    for name in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler", "image_encoder"):
+    family = None
+    if (root / "transformer").is_dir():
+        try:
+            from .loading import detect_family
+
+            source = detect_family(root)
+            family = report["family"] = source.family
+            report["description"] = source.description
+        except Exception as err:
+            report["family"] = "unknown"
+            report["family_error"] = str(err)
+    for name, why in RELEASE_PARTS.get(family or "v3", RELEASE_PARTS["v3"]):
         folder = root / name
         if not folder.is_dir():
-            why = {"image_encoder": "no CLIP image encoder: image-to-video runs without CLIP tokens (zeros, as in text-to-video)",
-                   "scheduler": "samplers use the V3 YAML defaults"}.get(name, "required")
             report["missing"].append(f"{name}/ ({why})")
             continue
         try:
             report["components"][name] = _describe_component(folder)
         except Exception as err:  # describe what we can, say what failed
             report["components"][name] = {"error": str(err)}
-    if (root / "transformer").is_dir():
-        try:
-            from .loading import detect_family
+    vae = report["components"].get("vae", {})
+    if family and "family" in vae:
+        from .pipeline import FAMILY_NAMES, VAE_FOR_FAMILY
 
-            source = detect_family(root)
-            report["family"] = source.family
-            report["description"] = source.description
-        except Exception as err:
-            report["family"] = "unknown"
-            report["family_error"] = str(err)
+        if VAE_FOR_FAMILY.get(family) != vae["family"]:
+            vae["error"] = (f"this is the {FAMILY_NAMES.get(vae['family'], vae['family'])} VAE; the "
+                            f"{FAMILY_NAMES.get(family, family)} transformer needs the "
+                            f"{FAMILY_NAMES.get(VAE_FOR_FAMILY.get(family), '?')} one")
     total = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
     report["total_bytes"] = total
     if (root / "generation.json").is_file():
@@ -693,34 +699,94 @@ def describe_model(path: Path) -> dict:
     return report
 
 
+# The parts of a release folder per family, and what each is (said when it is missing; "(required)" ones
+# make the folder unusable).
+_V1_V3_PARTS = [
+    ("transformer", "required"), ("vae", "required"),
+    ("text_encoder", "the T5 text encoder (required)"), ("tokenizer", "T5's sentencepiece tokenizer (required)"),
+    ("scheduler", "samplers use the V3 YAML defaults"),
+]
+RELEASE_PARTS = {
+    "v1": _V1_V3_PARTS, "v2": _V1_V3_PARTS,
+    "v3": _V1_V3_PARTS + [("image_encoder", "no CLIP image encoder: image-to-video runs without CLIP tokens "
+                                           "(zeros, as in text-to-video)")],
+    "v51": [("transformer", "required"), ("vae", "required"),
+            ("text_encoder", "the Qwen2-VL text encoder (required)"), ("tokenizer", "Qwen2-VL's tokenizer (required)"),
+            ("scheduler", "the flow-matching scheduler config (required)")],
+    "v5": [("transformer", "required"), ("vae", "required"),
+           ("text_encoder", "the Bert text encoder (required)"), ("tokenizer", "Bert's tokenizer (required)"),
+           ("text_encoder_2", "the mT5 text encoder (required)"), ("tokenizer_2", "mT5's tokenizer (required)"),
+           ("scheduler", "samplers use the V3 YAML defaults")],
+}
+
+
 def _describe_component(folder: Path) -> dict:
     from .checkpoint import read_json_config, weight_files
 
     name = folder.name
-    if name == "tokenizer" or (folder / "spiece.model").is_file():
-        from .text import T5PromptTokenizer
-
-        tokenizer = T5PromptTokenizer.from_path(folder)
-        return {"type": "T5 sentencepiece tokenizer", "vocab_size": tokenizer.vocab_size}
+    if name.startswith("tokenizer"):
+        return _describe_tokenizer(folder)
     if name == "scheduler" or (folder / "scheduler_config.json").is_file():
         config = read_json_config(folder / "scheduler_config.json", what="scheduler config")
-        return {"type": config.get("_class_name"), "timestep_spacing": config.get("timestep_spacing"),
-                "beta_schedule": config.get("beta_schedule")}
+        info = {"type": config.get("_class_name")}
+        if config.get("_class_name") == "FlowMatchEulerDiscreteScheduler":
+            info.update(sampler="Flow", shift=config.get("shift"), dynamic_shifting=config.get("use_dynamic_shifting"))
+        else:
+            info.update(timestep_spacing=config.get("timestep_spacing"), beta_schedule=config.get("beta_schedule"),
+                        prediction_type=config.get("prediction_type"))
+        return info
     config = read_json_config(folder / "config.json") if (folder / "config.json").is_file() else {}
-    stem = "model" if config.get("model_type") == "t5" or name in ("text_encoder", "image_encoder") else "diffusion_pytorch_model"
+    model_type = config.get("model_type")
+    stem = "model" if model_type or name.startswith(("text_encoder", "image_encoder")) else "diffusion_pytorch_model"
     weights = _safetensors_summary(weight_files(folder, stem=stem))
-    info = {"type": config.get("_class_name") or (config.get("architectures") or ["?"])[0], **weights}
-    if "num_layers" in config and "attention_head_dim" in config:
+    info = {"type": TEXT_ENCODER_NAMES.get(model_type) or config.get("_class_name")
+            or (config.get("architectures") or ["?"])[0], **weights}
+    if config.get("_class_name") == "EasyAnimateTransformer3DModel":
+        info.update(layers=config.get("num_layers"), mmdit_layers=config.get("mmdit_layers", config.get("num_layers")),
+                    hidden=config["num_attention_heads"] * config["attention_head_dim"],
+                    in_channels=config.get("in_channels"), text_width=config.get("text_embed_dim"))
+    elif "num_layers" in config and "attention_head_dim" in config:
         info.update(layers=config["num_layers"], hidden=config["num_attention_heads"] * config["attention_head_dim"],
                     in_channels=config.get("in_channels"), patch_size=config.get("patch_size"),
                     caption_channels=config.get("caption_channels"), uvit=config.get("enable_uvit"))
     elif "ch_mult" in config or "block_out_channels" in config:
-        info.update(widths=[config["ch"] * m for m in config["ch_mult"]] if "ch_mult" in config else config["block_out_channels"],
-                    latent_channels=config.get("latent_channels"), scaling_factor=config.get("scaling_factor"),
-                    slice_vae=config.get("slice_compression_vae"))
-    elif config.get("model_type") == "t5":
+        from .vae import detect_family as vae_family
+
+        info.update(family=vae_family(config), widths=[config["ch"] * m for m in config["ch_mult"]]
+                    if "ch_mult" in config else config["block_out_channels"],
+                    latent_channels=config.get("latent_channels"), scaling_factor=config.get("scaling_factor"))
+    elif model_type in ("t5", "mt5"):
         info.update(d_model=config.get("d_model"), layers=config.get("num_layers"), vocab_size=config.get("vocab_size"))
+    elif model_type in ("qwen2_vl", "bert"):
+        info.update(hidden=config.get("hidden_size", config.get("text_config", {}).get("hidden_size")),
+                    layers=config.get("num_hidden_layers", config.get("text_config", {}).get("num_hidden_layers")),
+                    vocab_size=config.get("vocab_size", config.get("text_config", {}).get("vocab_size")))
     return info
+
+
+TEXT_ENCODER_NAMES = {"qwen2_vl": "Qwen2-VL (its language model; the vision tower is not used)",
+                      "bert": "Bert (HunyuanDiT's bilingual text tower)", "t5": "T5 encoder", "mt5": "mT5 encoder"}
+
+
+def _describe_tokenizer(folder: Path) -> dict:
+    """The kind of tokenizer a folder holds, from its files: T5/mT5 sentencepiece, Qwen2 byte-level BPE, Bert
+    WordPiece."""
+    if (folder / "spiece.model").is_file():
+        from .text import T5PromptTokenizer
+
+        return {"type": "sentencepiece tokenizer (T5 / mT5)", "vocab_size": T5PromptTokenizer.from_path(folder).vocab_size}
+    if (folder / "vocab.json").is_file() or (folder / "tokenizer.json").is_file():
+        from .checkpoint import read_json_config
+
+        vocab = read_json_config(folder / "vocab.json", what="tokenizer vocabulary") if (folder / "vocab.json").is_file() \
+            else read_json_config(folder / "tokenizer.json", what="tokenizer file").get("model", {}).get("vocab", {})
+        return {"type": "Qwen2-VL byte-level BPE tokenizer", "vocab_size": len(vocab)}
+    if (folder / "vocab.txt").is_file():
+        words = sum(1 for line in (folder / "vocab.txt").read_text(encoding="utf-8").splitlines() if line)
+        return {"type": "Bert WordPiece tokenizer", "vocab_size": words}
+    from .errors import LayoutError
+
+    raise LayoutError(f"'{folder}' holds no tokenizer files (spiece.model, vocab.json / tokenizer.json or vocab.txt).")
 
 
 def _describe_file(path: Path) -> dict:
@@ -755,7 +821,10 @@ def format_info(report: dict) -> str:
     if report.get("family_error"):
         lines.append(f"  family: unknown: {report['family_error']}")
     elif "family" in report:
-        lines.append(f"  family: EasyAnimate {str(report['family']).upper()} ({report.get('description', '')})")
+        from .pipeline import FAMILY_NAMES
+
+        family = FAMILY_NAMES.get(report["family"], str(report["family"]).upper())
+        lines.append(f"  family: EasyAnimate {family} ({report.get('description', '')})")
     for name, info in report.get("components", {}).items():
         if "error" in info:
             lines.append(f"  {name}: error: {info['error']}")

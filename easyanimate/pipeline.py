@@ -34,25 +34,35 @@ from .errors import EasyAnimateError, check_finite, check_seed
 from .frames import SPATIAL_FACTOR, latent_size
 from .host import MemoryEstimate
 from .image_encoder import ClipConditioning, clip_conditioning, clip_inputs_for_step, resize_like_pil, to_uint8_images
-from .sampling import Sampler, build_sampler, check_strength, denoise, first_step_for_strength, start_latents
+from .sampling import (
+    Sampler, build_sampler, check_sampler_for_family, check_strength, denoise, first_step_for_strength, start_latents,
+)
 
 ProgressFn = Callable[[int, int, torch.Tensor], Optional[bool]]
 
 
 @dataclass
 class Conditioning:
-    """Encoded prompt(s): embeddings (B, L, C) and their attention mask (B, L), 1 = real token."""
+    """Encoded prompt(s): embeddings (B, L, C) and their attention mask (B, L), 1 = real token. EasyAnimate V5
+    encodes each prompt twice: Bert states in `embeds`, mT5 states in `t5_embeds` (with `t5_mask`)."""
 
     embeds: torch.Tensor
     mask: torch.Tensor
+    t5_embeds: Optional[torch.Tensor] = None
+    t5_mask: Optional[torch.Tensor] = None
 
     def __post_init__(self):
-        if self.embeds.ndim != 3 or self.mask.shape != self.embeds.shape[:2]:
-            raise EasyAnimateError(
-                f"Conditioning needs embeddings (batch, tokens, width) and a mask (batch, tokens); got "
-                f"{tuple(self.embeds.shape)} and {tuple(self.mask.shape)}."
-            )
-        check_finite(self.embeds, "prompt embedding")
+        pairs = [("prompt", self.embeds, self.mask)]
+        if self.t5_embeds is not None or self.t5_mask is not None:
+            pairs.append(("mT5 prompt", self.t5_embeds, self.t5_mask))
+        for what, embeds, mask in pairs:
+            if embeds is None or mask is None or embeds.ndim != 3 or mask.shape != embeds.shape[:2] \
+                    or embeds.shape[0] != self.embeds.shape[0]:
+                raise EasyAnimateError(
+                    f"Conditioning needs {what} embeddings (batch, tokens, width) and a mask (batch, tokens); got "
+                    f"{None if embeds is None else tuple(embeds.shape)} and {None if mask is None else tuple(mask.shape)}."
+                )
+            check_finite(embeds, f"{what} embedding")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -172,6 +182,9 @@ class VideoRequest:
     end_images: Optional[torch.Tensor]
     video: Optional[torch.Tensor]
     clip_apply_ratio: float
+    control_video: Optional[torch.Tensor] = None  # V5/V5.1 Control models
+    reference_image: Optional[torch.Tensor] = None  # V5.1 Control / Control-Camera models
+    control_camera: Optional[torch.Tensor] = None  # V5.1 Control-Camera: Plücker rays (1, 6, F, H, W)
 
     @property
     def guided(self) -> bool:
@@ -189,9 +202,11 @@ class ModelInputs:
 
     text: torch.Tensor
     text_mask: torch.Tensor
-    inpaint: Optional[torch.Tensor] = None  # V3 InP: [mask latents, masked-video latents], 8 channels
+    inpaint: Optional[torch.Tensor] = None  # InP: [mask latents, masked-video latents] (V3 8, V5/V5.1 17 channels)
     clip: Optional[ClipConditioning] = None  # V3 InP: CLIP image states and mask
     clip_apply_ratio: float = 0.5
+    control: Optional[torch.Tensor] = None  # V5/V5.1 Control models: control (and reference) latents
+    t5: Optional[torch.Tensor] = None  # V5: the mT5 text states (the Bert ones are `text`)
 
     def for_step(self, step: int, steps_run: int) -> dict:
         clip = clip_inputs_for_step(self.clip, step, steps_run, self.clip_apply_ratio)
@@ -234,8 +249,13 @@ class DiTStages:
     # ------------------------------------------------------------------ checks
     def request(self, *, frames, height, width, steps=25, guidance_scale=7.0, sampler="Euler", scheduler_config=None,
                 strength=1.0, start_images=None, end_images=None, video=None, clip_apply_ratio=0.5,
-                round_frames=False) -> VideoRequest:
+                round_frames=False, control_video=None, reference_image=None, control_camera=None) -> VideoRequest:
         """Check every input against the models before any of them runs."""
+        if any(t is not None for t in (control_video, reference_image, control_camera)):
+            raise EasyAnimateError(
+                "Control videos, reference images and camera control need an EasyAnimate V5/V5.1 Control model; "
+                f"this is EasyAnimate {self.transformer.config.family.upper()}."
+            )
         strength = check_strength(strength)
         check_size(self.transformer, height, width)
         rules = self.vae.rules
@@ -254,6 +274,7 @@ class DiTStages:
         if not 0 <= clip_apply_ratio <= 1:
             raise EasyAnimateError(f"clip_apply_ratio must be in [0, 1], got {clip_apply_ratio}.")
         first_step_for_strength(steps, strength)  # refuses a step count that leaves nothing to run
+        check_sampler_for_family(sampler, self.transformer.config.family)
         build_sampler(sampler, scheduler_config)  # refuses unknown names and unsupported configs
         return VideoRequest(count.frames, count.latents, height, width, steps, float(guidance_scale), sampler,
                             scheduler_config, strength, start_images, end_images, video, clip_apply_ratio)
@@ -406,8 +427,31 @@ class DiTStages:
                                          memory_budget=budget, out_device=out_device, progress=progress)
 
 
-def stages_for(transformer, vae, image_encoder=None, text_encoder=None) -> DiTStages:
-    """The stages of the model family `transformer` belongs to."""
+# The VAE family each transformer family was trained with.
+VAE_FOR_FAMILY = {"v1": "v1", "v2": "v2", "v3": "v3", "v5": "v5", "v51": "v5"}
+FAMILY_NAMES = {"v1": "V1", "v2": "V2", "v3": "V3", "v5": "V5", "v51": "V5.1"}
+
+
+def check_pair(transformer, vae) -> None:
+    """Refuse a transformer and a VAE of different families, before anything runs, naming both."""
+    family, vae_family = transformer.config.family, vae.family
+    if VAE_FOR_FAMILY.get(family) != vae_family:
+        want = VAE_FOR_FAMILY.get(family, "?")
+        raise EasyAnimateError(
+            f"The transformer is EasyAnimate {FAMILY_NAMES.get(family, family)} but the VAE is the "
+            f"{FAMILY_NAMES.get(vae_family, vae_family)} one; the {FAMILY_NAMES.get(family, family)} transformer needs the "
+            f"{FAMILY_NAMES.get(want, want)} VAE ({vae_family} latents have another channel count or frame rule). Load the "
+            "VAE of the same release folder."
+        )
+
+
+def stages_for(transformer, vae, image_encoder=None, text_encoder=None):
+    """The stages of the model family `transformer` belongs to (after checking that `vae` fits it)."""
+    check_pair(transformer, vae)
+    if transformer.config.family in ("v5", "v51"):
+        from .stages_v5 import MMDiTStages
+
+        return MMDiTStages(transformer, vae, image_encoder, text_encoder)
     return DiTStages(transformer, vae, image_encoder, text_encoder)
 
 
@@ -432,9 +476,9 @@ def generate(
     frames: int,
     height: int,
     width: int,
-    steps: int = 25,
-    guidance_scale: float = 7.0,
-    sampler: str = "Euler",
+    steps: Optional[int] = None,
+    guidance_scale: Optional[float] = None,
+    sampler: Optional[str] = None,
     scheduler_config=None,
     seed: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
@@ -451,22 +495,31 @@ def generate(
     round_frames: bool = False,
     callback: Optional[ProgressFn] = None,
     placement=None,
+    control_video: Optional[torch.Tensor] = None,
+    reference_image: Optional[torch.Tensor] = None,
+    control_camera: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Sample latents (B, C, F_latent, H/8, W/8), scaled as the VAE's `decode_video` expects (stages 2 and 3).
 
-    `sampler` is one of "Euler", "Euler A", "DPM++", "PNDM", "DDIM"; `scheduler_config` a release's
-    folder or `scheduler/` config (None: the era's YAML defaults). Randomness: `generator` (or `seed`)
+    `sampler` is one of "Euler", "Euler A", "DPM++", "PNDM", "DDIM" (V1–V3, V5) or "Flow" (V5.1);
+    `scheduler_config` a release's folder or `scheduler/` config (None: the era's YAML defaults). Unset
+    `steps`, `guidance_scale` and `sampler` take the family's reference defaults (V1–V3: 25, 7.0, Euler;
+    V5.1: 50, 6.0, Flow). Randomness: `generator` (or `seed`)
     draws the start noise and the ancestral noise; `noise` replaces the start noise draw (unit normal);
     `vae_generator` / `vae_noise` feed the VAE posterior samples (default: a generator seeded from
     `seed` + 1). `callback(steps_done, total, latents)` runs after each step and may return False to stop
     (raises `SamplingCancelled`); nothing in the models is changed by a run, stopped or not.
     `placement` (from a host's `placement(...)`) places each model for its stage; None: models where they are.
+    V5/V5.1 Control models: `control_video` (1, 3, F, H, W) in [0, 1] and (V5.1) a `reference_image`
+    (1, 3, H, W); Control-Camera models: `control_camera`, Plücker rays (1, 6, F, H, W).
     """
     stages = stages_for(transformer, vae, image_encoder)
-    request = stages.request(frames=frames, height=height, width=width, steps=steps, guidance_scale=guidance_scale,
-                             sampler=sampler, scheduler_config=scheduler_config, strength=strength,
-                             start_images=start_images, end_images=end_images, video=video,
-                             clip_apply_ratio=clip_apply_ratio, round_frames=round_frames)
+    chosen = {k: v for k, v in dict(steps=steps, guidance_scale=guidance_scale, sampler=sampler).items() if v is not None}
+    request = stages.request(frames=frames, height=height, width=width, scheduler_config=scheduler_config,
+                             strength=strength, start_images=start_images, end_images=end_images, video=video,
+                             clip_apply_ratio=clip_apply_ratio, round_frames=round_frames,
+                             control_video=control_video, reference_image=reference_image,
+                             control_camera=control_camera, **chosen)
     seed = check_seed(0 if seed is None else seed)
     if generator is None:
         generator = torch.Generator().manual_seed(seed)
@@ -587,30 +640,40 @@ class EasyAnimateModel:
 
 def load_model(path, *, dtype="bf16", device="cpu", text_encoder: bool = True, image_encoder: bool = True,
                motion_module=None, personalized=None) -> EasyAnimateModel:
-    """Load a release folder (transformer/, vae/, text_encoder/ + tokenizer/, image_encoder/, scheduler/)."""
+    """Load a release folder: transformer/, vae/, scheduler/, and the text encoder(s) of its family (V1–V3:
+    text_encoder/ + tokenizer/ (T5); V5.1: text_encoder/ + tokenizer/ (Qwen2-VL); V5: text_encoder/ +
+    tokenizer/ (Bert) and text_encoder_2/ + tokenizer_2/ (mT5)), and V3 InP's image_encoder/. A transformer and
+    a VAE of different families are refused before the text encoder is loaded."""
     from .loading import load_transformer
     from .vae import load_vae
 
     root = Path(path)
     transformer = load_transformer(root, dtype=dtype, device=device, motion_module=motion_module, personalized=personalized)
     vae = load_vae(root, dtype=dtype, device=device)
+    check_pair(transformer, vae)
+    family = transformer.config.family
     encoder = None
     if text_encoder:
-        from .text import load_text_encoder
-
         if not (root / "text_encoder").is_dir():
             raise EasyAnimateError(
-                f"'{root}' has no text_encoder/ folder; load the T5 encoder separately (load_text_encoder) "
-                "or pass text_encoder=False and encode prompts yourself."
+                f"'{root}' has no text_encoder/ folder; load the text encoder separately or pass "
+                "text_encoder=False and encode prompts yourself."
             )
-        encoder = load_text_encoder(root, dtype=dtype, device=device)
+        if family in ("v5", "v51"):
+            from .text_v5 import load_text_encoder_v5
+
+            encoder = load_text_encoder_v5(root, dtype=dtype, device=device)
+        else:
+            from .text import load_text_encoder
+
+            encoder = load_text_encoder(root, dtype=dtype, device=device)
     clip = None
     if image_encoder and transformer.config.has_clip_projection and (root / "image_encoder").is_dir():
         from .image_encoder import load_image_encoder
 
         clip = load_image_encoder(root, dtype=dtype, device=device)
     scheduler = root / "scheduler" if (root / "scheduler" / "scheduler_config.json").is_file() else None
-    return EasyAnimateModel(transformer.config.family, transformer, vae, encoder, clip, scheduler, torch.device(device))
+    return EasyAnimateModel(family, transformer, vae, encoder, clip, scheduler, torch.device(device))
 
 
 def make_video(
@@ -671,4 +734,5 @@ def make_video(
 
 
 _REQUEST_OPTIONS = ("steps", "guidance_scale", "sampler", "scheduler_config", "strength", "start_images",
-                    "end_images", "video", "clip_apply_ratio", "round_frames")
+                    "end_images", "video", "clip_apply_ratio", "round_frames", "control_video", "reference_image",
+                    "control_camera")

@@ -22,22 +22,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import rel_error
+from release_v5 import (
+    CHAT_TEMPLATE, QWEN_MAX_LENGTH, QWEN_SPECIAL, qwen_config as _qwen_config, qwen_tokenizer as _qwen_tokenizer,
+    randomize as _randomize, release_keys as _release_keys, write_qwen_release_parts, write_sharded as _write_sharded,
+)
 from easyanimate import text_v5
 from easyanimate.errors import CheckpointMismatchError, EasyAnimateError, LayoutError
 from easyanimate.text_v5 import BertMT5TextEncoder, Qwen2VLTextEncoder, V5TextEmbeddings, load_text_encoder_v5
 
-# A Qwen2-VL-style template written for these tests (the real one is exercised by the parity fixture):
-# a default system turn before the first user turn, text parts of list contents, the generation prompt.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}<|im_start|>system\n"
-    "You are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                "<|image_pad|>", "<|video_pad|>"]
-QWEN_MAX_LENGTH = 96  # the tiny tokenizer's model_max_length: prompts get min(96, 256) tokens
 PROMPTS = ["A cat walks in the snow, cinematic.", "一只猫在雪中行走", ""]
 LONG_PROMPT = "a very long prompt " * 8  # longer than QWEN_MAX_LENGTH with the template
 
@@ -57,101 +49,11 @@ TINY_MT5 = dict(d_model=24, d_kv=8, num_heads=3, d_ff=48, num_layers=2, feed_for
 # --------------------------------------------------------------------------------------------------
 
 
-def _randomize(model: torch.nn.Module, seed: int) -> None:
-    """Every parameter random and non-negligible (norm weights around 1), so every path shows in outputs."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=generator)
-            if "norm" in name.lower():
-                param.copy_(1 + 0.3 * noise if name.endswith("weight") else 0.1 * noise)
-            else:
-                param.copy_(noise * (0.5 if "embed" in name else 0.15))
-
-
-def _write_sharded(folder, state: dict, dtype=None) -> None:
-    """`model-0000N-of-00002.safetensors` + `model.safetensors.index.json`, as the releases ship them."""
-    names = sorted(state)
-    shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
-              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
-    weight_map = {}
-    for shard, keys in shards.items():
-        tensors = {k: (state[k].to(dtype) if dtype is not None and state[k].is_floating_point() else state[k]).contiguous()
-                   for k in keys}
-        save_file(tensors, str(folder / shard), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(keys, shard))
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-
-
-def _qwen_tokenizer(folder) -> None:
-    """A byte-level BPE with every byte, a few merges and Qwen's special tokens; chat template in
-    chat_template.json (the release layout), not in tokenizer_config.json."""
-    from transformers import Qwen2Tokenizer
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    vocab = {c: i for i, c in enumerate(bytes_to_unicode().values())}
-    merges = [("Ġ", "c"), ("a", "t"), ("Ġc", "at"), ("Ġ", "s"), ("n", "o"), ("Ġs", "no"), ("Ġsno", "w"), ("i", "n")]
-    for pair in merges:
-        vocab["".join(pair)] = len(vocab)
-    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None, bos_token=None, eos_token="<|im_end|>",
-                               pad_token="<|endoftext|>")
-    tokenizer.add_special_tokens({"additional_special_tokens": QWEN_SPECIAL[1:]})
-    tokenizer.model_max_length = QWEN_MAX_LENGTH
-    tokenizer.save_pretrained(str(folder))
-    config = json.loads((folder / "tokenizer_config.json").read_text())
-    config.pop("chat_template", None)
-    (folder / "tokenizer_config.json").write_text(json.dumps(config))
-    (folder / "chat_template.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}))
-
-
-def _qwen_config(vocab_size: int, ids: dict) -> dict:
-    """A release-era flat Qwen2-VL config.json, shrunk."""
-    return {
-        "architectures": ["Qwen2VLForConditionalGeneration"], "model_type": "qwen2_vl",
-        "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 3, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "max_position_embeddings": 256, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
-        "hidden_act": "silu", "vocab_size": vocab_size, "tie_word_embeddings": False, "attention_dropout": 0.0,
-        "use_sliding_window": False, "sliding_window": 256, "max_window_layers": 3, "torch_dtype": "float32",
-        "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"],
-        "vision_start_token_id": ids["<|vision_start|>"], "vision_end_token_id": ids["<|vision_end|>"],
-        "image_token_id": ids["<|image_pad|>"], "video_token_id": ids["<|video_pad|>"],
-        "rope_scaling": {"type": "mrope", "mrope_section": [2, 1, 1]},
-        "vision_config": {"depth": 1, "embed_dim": 16, "mlp_ratio": 2, "num_heads": 2, "in_chans": 3, "hidden_size": 32,
-                          "patch_size": 14, "spatial_merge_size": 2, "spatial_patch_size": 14, "temporal_patch_size": 2},
-    }
-
-
-def _release_keys(state: dict) -> dict:
-    """transformers 5's Qwen2-VL names -> the names in the released files."""
-    out = {}
-    for key, value in state.items():
-        if key.startswith("model.language_model."):
-            key = "model." + key[len("model.language_model."):]
-        elif key.startswith("model.visual."):
-            key = "visual." + key[len("model.visual."):]
-        out[key] = value
-    return out
-
-
 @pytest.fixture(scope="module")
 def qwen(tmp_path_factory):
     """(release folder, transformers' Qwen2VLForConditionalGeneration with the same weights, tokenizer)."""
-    from transformers import AutoTokenizer, Qwen2VLConfig, Qwen2VLForConditionalGeneration
-
     root = tmp_path_factory.mktemp("v51")
-    (root / "tokenizer").mkdir()
-    _qwen_tokenizer(root / "tokenizer")
-    tokenizer = AutoTokenizer.from_pretrained(str(root / "tokenizer"))
-    tokenizer.chat_template = CHAT_TEMPLATE
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL}
-    config = _qwen_config(len(tokenizer), ids)
-    torch.manual_seed(0)
-    model = Qwen2VLForConditionalGeneration(Qwen2VLConfig.from_dict(config)).eval()
-    _randomize(model, seed=1)
-    folder = root / "text_encoder"
-    folder.mkdir()
-    (folder / "config.json").write_text(json.dumps(config))
-    _write_sharded(folder, _release_keys(model.state_dict()))
+    _, tokenizer, model = write_qwen_release_parts(root)
     return root, model, tokenizer
 
 

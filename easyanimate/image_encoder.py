@@ -18,7 +18,6 @@ transformers is imported inside the functions that need it, so importing this mo
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os

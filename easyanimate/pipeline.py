@@ -32,7 +32,7 @@ import torch
 
 from .errors import EasyAnimateError, check_finite, check_seed
 from .frames import SPATIAL_FACTOR, latent_size
-from .host import MemoryEstimate
+from .host import MemoryEstimate, Placement
 from .image_encoder import ClipConditioning, clip_conditioning, clip_inputs_for_step, resize_like_pil, to_uint8_images
 from .sampling import (
     Sampler, build_sampler, check_sampler_for_family, check_strength, denoise, first_step_for_strength, start_latents,
@@ -229,6 +229,50 @@ class Denoising:
     memory_required: int  # activation estimate of one transformer call on the model batch
 
 
+def check_guidance_text(request: VideoRequest, positive: Conditioning, negative: Optional[Conditioning]) -> None:
+    """Guidance needs a negative prompt encoded like the prompt."""
+    if not request.guided:
+        return
+    if negative is None:
+        raise EasyAnimateError("Guidance (cfg > 1) needs a negative prompt conditioning (it may encode an empty prompt).")
+    if negative.embeds.shape[:2] != positive.embeds.shape[:2]:
+        raise EasyAnimateError(
+            f"Prompt and negative prompt were encoded to different shapes {tuple(positive.embeds.shape[:2])} and "
+            f"{tuple(negative.embeds.shape[:2])}; encode both with the same encoder and token length."
+        )
+
+
+def request_memory(request: VideoRequest, shape: tuple, vae, in_channels: int, activations: int, one_row: int, *,
+                   encodes: bool, conditioning_planes: int, budget: Optional[int]) -> MemoryEstimate:
+    """What a request needs beyond the weights, from the models' own estimates: on the compute device the
+    larger of the denoising stage (latents, the guidance batch with its conditioning channels, the
+    transformer's `activations`, chunked under `budget`) and the VAE stages (one slice, tiled under `budget`);
+    in RAM the conditioning pixels (`conditioning_planes` float32 planes of the video) or the decoded video,
+    whichever phase is larger. `one_row`: the transformer's activations for one model row, the least any
+    chunking can reach."""
+    from .vae import Tiling
+
+    b, c, f, h, w = shape
+    rows = 2 * b if request.guided else b
+    latent = 4 * c * f * h * w  # one float32 latent video
+    # latents, start noise and the sampler's temporaries per video; model input and output per model row
+    loop = latent * (4 * b + 3 * rows) + rows * (in_channels - c) * f * h * w * 4
+    tiles = (lambda size, decode: vae.tiling_for_budget(budget, size, decode)) if budget else (lambda *_: None)
+    vae_work = vae.activation_bytes((h, w), decode=True, batch=b, tiling=tiles((h, w), True))
+    if encodes:
+        size = (request.height, request.width)
+        vae_work = max(vae_work, vae.activation_bytes(size, decode=False, tiling=tiles(size, False)))
+    compute = ({"latents and guidance batch": loop, "transformer activations": activations}
+               if activations >= vae_work else {"latents": loop, "VAE working memory": vae_work})
+    denoising_minimum = loop + one_row
+    smallest_tiles = Tiling(64, 0.25)  # what a budget can shrink the VAE's tiles to
+    minimum = max(denoising_minimum, loop + vae.activation_bytes((h, w), decode=True, batch=b, tiling=smallest_tiles))
+    plane = request.frames * request.height * request.width * 4  # one float32 channel of the video
+    conditioning, decoded = conditioning_planes * plane, 3 * b * plane
+    ram = {"conditioning pixels": conditioning} if conditioning > decoded else {"decoded video": decoded}
+    return MemoryEstimate(compute, ram, minimum, denoising_minimum)
+
+
 # ----------------------------------------------------------------------------------------------------
 # The stages of EasyAnimate V1, V2 and V3
 # ----------------------------------------------------------------------------------------------------
@@ -287,14 +331,7 @@ class DiTStages:
                     f"The {name} embeddings have width {cond.embeds.shape[-1]}, but this model expects {width} "
                     "(T5-XXL for the released models); encode it with the model's T5 encoder, not a CLIP text encoder."
                 )
-        if request.guided:
-            if negative is None:
-                raise EasyAnimateError("Guidance (cfg > 1) needs a negative prompt conditioning (it may encode an empty prompt).")
-            if negative.embeds.shape[:2] != positive.embeds.shape[:2]:
-                raise EasyAnimateError(
-                    f"Prompt and negative prompt were encoded to different shapes {tuple(positive.embeds.shape[:2])} and "
-                    f"{tuple(negative.embeds.shape[:2])}; encode both with the same encoder and token length."
-                )
+        check_guidance_text(request, positive, negative)
 
     def latent_shape(self, request: VideoRequest, batch: int = 1) -> tuple[int, ...]:
         return (batch, self.vae.latent_channels, request.latent_frames, *request.latent_hw)
@@ -304,36 +341,19 @@ class DiTStages:
         on the compute device the larger of the denoising stage (latents, guidance batch, transformer
         activations, chunked under `budget`) and the VAE stages (a slice, tiled under `budget`); in RAM the
         conditioning pixels or the decoded video, whichever phase is larger."""
-        transformer, vae = self.transformer, self.vae
-        b, c, f, h, w = self.latent_shape(request, batch)
+        transformer = self.transformer
+        b, _, f, h, w = self.latent_shape(request, batch)
         rows = 2 * b if request.guided else b
-        latent = 4 * c * f * h * w  # one float32 latent video
-        # latents, start noise and the sampler's temporaries per video; model input and output per model row
-        inpaint_channels = transformer.config.in_channels - c  # 8 for V3 InP, 0 otherwise
-        loop = latent * (4 * b + 3 * rows) + rows * inpaint_channels * f * h * w * 4
         if budget is not None:
             rows_per_pass, queries = transformer.plan_chunks(rows, f, h, w, budget)
             activations = transformer.activation_bytes(rows_per_pass, f, h, w, queries)
         else:
             activations = transformer.activation_bytes(rows, f, h, w)
-        tiles = (lambda size, decode: vae.tiling_for_budget(budget, size, decode)) if budget else (lambda *_: None)
-        vae_work = vae.activation_bytes((h, w), decode=True, batch=b, tiling=tiles((h, w), True))
-        encodes = self.inpaint_model or request.strength < 1
-        if encodes:
-            size = (request.height, request.width)
-            vae_work = max(vae_work, vae.activation_bytes(size, decode=False, tiling=tiles(size, False)))
-        compute = ({"latents and guidance batch": loop, "transformer activations": activations}
-                   if activations >= vae_work else {"latents": loop, "VAE working memory": vae_work})
-        from .vae import Tiling
-
-        denoising_minimum = loop + transformer.activation_bytes(1, f, h, w)  # one model row per pass
-        smallest_tiles = Tiling(64, 0.25)  # what a budget can shrink the VAE's tiles to
-        minimum = max(denoising_minimum, loop + vae.activation_bytes((h, w), decode=True, batch=b, tiling=smallest_tiles))
-        plane = request.frames * request.height * request.width * 4  # one float32 channel of the video
-        conditioning = (13 if self.inpaint_model else 9 if request.strength < 1 else 0) * plane
-        decoded = 3 * b * plane
-        ram = {"conditioning pixels": conditioning} if conditioning > decoded else {"decoded video": decoded}
-        return MemoryEstimate(compute, ram, minimum, denoising_minimum)
+        planes = 13 if self.inpaint_model else 9 if request.strength < 1 else 0
+        return request_memory(request, self.latent_shape(request, batch), self.vae, transformer.config.in_channels,
+                              activations, transformer.activation_bytes(1, f, h, w),
+                              encodes=self.inpaint_model or request.strength < 1, conditioning_planes=planes,
+                              budget=budget)
 
     # ------------------------------------------------------------------ 1. text
     def prepare_text(self, prompt: str, negative_prompt: str, placement, *, clean_caption: bool = True):
@@ -455,10 +475,10 @@ def stages_for(transformer, vae, image_encoder=None, text_encoder=None):
     return DiTStages(transformer, vae, image_encoder, text_encoder)
 
 
-def models_in_place(transformer) -> "Placement":
+def models_in_place(transformer) -> Placement:
     """The placement of a call that was given none: the models stay where they are, inputs go to the
     transformer's device."""
-    from .host import Placement, fixed_device
+    from .host import fixed_device
 
     return Placement(fixed_device(next(transformer.parameters()).device), {})
 
@@ -697,7 +717,7 @@ def make_video(
     `host` (e.g. `StandaloneHost(MemoryOptions("offload"), compute="cuda")`) places each model for its
     stage; None: the models stay on the device they were loaded on. `loras`: [(ResolvedLoRA, strength)]
     applied to the transformer and the text encoder while they run (the loaded weights never change)."""
-    from .host import Placement, fixed_device
+    from .host import fixed_device
 
     placement = Placement(fixed_device(model.device), {})
     if host is not None:

@@ -27,7 +27,8 @@ from .errors import EasyAnimateError, check_finite
 from .frames import SPATIAL_FACTOR
 from .host import MemoryEstimate
 from .pipeline import (
-    Conditioning, Denoising, ModelInputs, ProgressFn, VideoRequest, _as_frames, conditioning_video, inpaint_pixels,
+    Conditioning, Denoising, ModelInputs, ProgressFn, VideoRequest, _as_frames, check_guidance_text,
+    conditioning_video, inpaint_pixels, request_memory,
 )
 from .sampling import build_sampler, check_sampler_for_family, check_strength, denoise, first_step_for_strength, \
     scheduler_prediction, start_latents
@@ -122,14 +123,7 @@ class MMDiTStages:
                     f"{cfg.name} takes {'Bert and mT5' if cfg.text_embed_dim_t5 else 'Qwen2-VL'} text states; the {name} "
                     f"conditioning has {'no mT5 part' if cond.t5_embeds is None else 'an mT5 part'}."
                 )
-        if request.guided:
-            if negative is None:
-                raise EasyAnimateError("Guidance (cfg > 1) needs a negative prompt conditioning (it may encode an empty prompt).")
-            if negative.embeds.shape[:2] != positive.embeds.shape[:2]:
-                raise EasyAnimateError(
-                    f"Prompt and negative prompt were encoded to different shapes {tuple(positive.embeds.shape[:2])} and "
-                    f"{tuple(negative.embeds.shape[:2])}; encode both with the same encoder and token length."
-                )
+        check_guidance_text(request, positive, negative)
 
     def latent_shape(self, request: VideoRequest, batch: int = 1) -> tuple[int, ...]:
         return (batch, self.vae.latent_channels, request.latent_frames, *request.latent_hw)
@@ -137,26 +131,15 @@ class MMDiTStages:
     def memory_estimate(self, request: VideoRequest, batch: int = 1, budget: Optional[int] = None) -> MemoryEstimate:
         """As `DiTStages.memory_estimate`: latents and conditioning, the larger of the transformer and VAE
         stages (each model's own `activation_bytes`), the pixels kept in RAM."""
-        transformer, vae = self.transformer, self.vae
-        b, c, f, h, w = self.latent_shape(request, batch)
+        transformer = self.transformer
+        b, _, f, h, w = self.latent_shape(request, batch)
         rows = 2 * b if request.guided else b
-        latent = 4 * c * f * h * w
-        extra = transformer.config.in_channels - c
-        loop = latent * (4 * b + 3 * rows) + rows * extra * f * h * w * 4
         text_tokens = 256 + (77 if transformer.config.text_embed_dim_t5 else 0)
-        activations = transformer.activation_bytes(rows, f, h, w, text_tokens)
-        tiles = (lambda size, decode: vae.tiling_for_budget(budget, size, decode)) if budget else (lambda *_: None)
-        vae_work = vae.activation_bytes((h, w), decode=True, batch=b, tiling=tiles((h, w), True))
-        size = (request.height, request.width)
-        vae_work = max(vae_work, vae.activation_bytes(size, decode=False, tiling=tiles(size, False)))
-        compute = ({"latents and guidance batch": loop, "transformer activations": activations}
-                   if activations >= vae_work else {"latents": loop, "VAE working memory": vae_work})
-        minimum = loop + max(transformer.activation_bytes(1, f, h, w, text_tokens), vae_work)
-        plane = request.frames * request.height * request.width * 4
-        conditioning = (10 if self.inpaint_model else 6 if (request.video is not None or self.control_model) else 0) * plane
-        decoded = 3 * b * plane
-        ram = {"conditioning pixels": conditioning} if conditioning > decoded else {"decoded video": decoded}
-        return MemoryEstimate(compute, ram, minimum, loop + transformer.activation_bytes(1, f, h, w, text_tokens))
+        planes = 10 if self.inpaint_model else 6 if (request.video is not None or self.control_model) else 0
+        return request_memory(request, self.latent_shape(request, batch), self.vae, transformer.config.in_channels,
+                              transformer.activation_bytes(rows, f, h, w, text_tokens),
+                              transformer.activation_bytes(1, f, h, w, text_tokens), encodes=True,
+                              conditioning_planes=planes, budget=budget)
 
     # ------------------------------------------------------------------ 1. text
     def prepare_text(self, prompt: str, negative_prompt: str, placement, *, clean_caption: bool = True):
@@ -245,7 +228,7 @@ class MMDiTStages:
     def _control_latents(self, request, encode) -> torch.Tensor:
         """[control video 16 | reference 16] (V5.1 Control), [control 16] (V5 Control) or
         [Plücker rays 6 | reference 16] (Control-Camera), for one video."""
-        vae, scale = self.vae, self.vae.scaling_factor
+        vae = self.vae
         shape = (1, vae.latent_channels, request.latent_frames, *request.latent_hw)
         parts = []
         if self.camera_model:

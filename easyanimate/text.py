@@ -36,7 +36,6 @@ this module is cheap.
 from __future__ import annotations
 
 import html
-import json
 import logging
 import os
 import re

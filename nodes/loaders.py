@@ -5,7 +5,6 @@ import logging
 import weakref
 from pathlib import Path
 
-import torch
 
 from . import host
 from .handles import MODEL, T5, VAE, LazyComponent, ModelHandle, T5Handle, VAEHandle

@@ -318,7 +318,9 @@ def compare(args, config: str, tmp: Path) -> dict:
             args, "dit", "--folder", folder, "--out", tmp / "reference.safetensors", "--threads", args.threads,
             "--repeats", args.repeats), env),
     }
-    runs = reference_compare.alternate(args, commands, label=f"{config} ")
+    runs = reference_compare.alternate(
+        args, commands, label=f"{config} ",
+        summary=lambda r: f"forward {r['median_s']:.2f} s, peak RSS {r['peak_rss'] / 1e9:.2f} GB")
     ours, theirs = torch.load(tmp / "ours.pt"), load_file(str(tmp / "reference.safetensors"))["out"]
     return {"config": config, "runs": runs, "error": rel_error(ours, theirs)}
 
@@ -359,6 +361,10 @@ def comparison_table(results: list[dict], args) -> str:
             f"{result['error']:.1e} (max|a - b| / max|b|)",
             "",
         ]
+        for name in ("ours", "reference"):
+            if med(name, "built_rss") < 0.5 * first["weights_bytes"]:
+                lines += [f"{name}: the loader maps the weights file, so the weights become resident during the "
+                          "warm-up forward: the load peak leaves them out, the forward peak has them.", ""]
     lines += [
         "GB = 1e9 bytes. Peak RSS: the whole process (interpreter, torch, weights, activations); load = the peak "
         "up to the loaded model (the original loader builds the model and reads the file: two copies), forward "

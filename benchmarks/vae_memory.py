@@ -257,12 +257,15 @@ def compare(args, tmp: Path) -> list[dict]:
         theirs = reference_compare.reference_command(
             args, "vae", "--folder", folder, "--latents", folder / f"latents-{frames}.safetensors",
             "--out", tmp / "reference.safetensors", "--threads", args.threads)
-        runs = reference_compare.alternate(args, {"ours": (ours, env), "reference": (theirs, env)},
-                                           label=f"{frames} frames ")
+        runs = reference_compare.alternate(
+            args, {"ours": (ours, env), "reference": (theirs, env)}, label=f"{frames} frames ",
+            summary=lambda r: f"decode {r['median_s']:.1f} s, peak beyond output {r['peak_beyond_output_mib']:.0f} MiB")
         a = load_file(str(tmp / "ours.safetensors"))["out"]
         b = load_file(str(tmp / "reference.safetensors"))["out"].clamp(-1, 1).div(2).add(0.5)  # as decode_video
         error = ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
         results.append({"frames": frames, "runs": runs, "error": error})
+        if args.json:  # what is done so far survives a stopped run
+            args.json.write_text(json.dumps(results, indent=1))
     return results
 
 

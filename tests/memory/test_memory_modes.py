@@ -75,9 +75,16 @@ def test_feed_forward_row_chunks_are_exact(monkeypatch):
     model = random_model("v3", num_layers=16)
     inputs = example_inputs(model, frames=4, height=8, width=8)
     plain = run(model, inputs)
-    monkeypatch.setattr(attention, "FEED_FORWARD_CHUNK_BYTES", 1)
+    calls = []
+    hook = model.transformer_blocks[0].ff.net[0].register_forward_hook(lambda *args: calls.append(1))
     monkeypatch.setattr(attention, "MIN_CHUNK_ROWS", 7)  # several uneven chunks
-    assert rel_error(run(model, inputs), plain) <= 1e-6
+    try:
+        with attention.feed_forward_chunks(1):
+            chunked = run(model, inputs)
+    finally:
+        hook.remove()
+    assert len(calls) > 1  # the rows really ran in several chunks
+    assert rel_error(chunked, plain) <= 1e-6
 
 
 @pytest.mark.parametrize("family", ["v1", "v2", "v3"])

@@ -13,7 +13,8 @@ placement with a memory estimate, progress and cancel, model folders, precision)
 * Outside ComfyUI (tests, scripts) the nodes run on `StandaloneHost` with the memory modes of
   `EASYANIMATE_MEMORY_MODE` / `EASYANIMATE_MEMORY_BUDGET_MB` and models under `$EASYANIMATE_MODELS_DIR`.
 
-This is the only module of the pack that imports `comfy` or `folder_paths`, and only in `ComfyHost`.
+This is the only module of the pack that imports `comfy` or `folder_paths` (only in `ComfyHost`), besides
+`native.py`, the native route's model, which ComfyHost builds for each V1-V3 transformer it wraps.
 """
 from __future__ import annotations
 
@@ -87,6 +88,18 @@ class ComfyHost:
         self._lora = loaded["comfy.lora"]
         self._folders = loaded["folder_paths"]
         self._registered: set[str] = set()
+        self._install_native_route()
+
+    def _install_native_route(self) -> None:
+        """What ComfyUI's own nodes need for the native route (`nodes/native.py`): our LoRA key names in
+        `comfy.lora.model_lora_keys_unet`, and the shipped demo LoRAs listed where ComfyUI's LoRA loaders look
+        (the demo models' `loras/` folders as extra `loras` paths; nothing is copied)."""
+        from . import native
+
+        native.install_lora_key_map(self._lora)
+        for demo in demo_models().values():
+            if (demo / "loras").is_dir():
+                self._folders.add_model_folder_path("loras", str(demo / "loras"))
 
     # ------------------------------------------------------------------ devices
     @property
@@ -127,6 +140,14 @@ class ComfyHost:
             "image_encoder": (mm.text_encoder_device(), mm.text_encoder_offload_device()),
             "multi": (mm.get_torch_device(), mm.unet_offload_device()),
         }[kind]
+        if kind == "transformer":
+            from . import native
+
+            model = native.native_model(module)  # V1-V3: a ComfyUI MODEL around it, shared by both routes
+            if model is not None:
+                module.attention_function = native.comfy_attention  # ComfyUI's attention backends
+                patcher = self._patcher_module.ModelPatcher(model, load_device=load, offload_device=offload)
+                return Component(module, kind, patcher=patcher, key_prefix="diffusion_model.")
         held = module if _device_is_settable(module) else _Holder(module)
         patcher = self._patcher_module.ModelPatcher(held, load_device=load, offload_device=offload)
         return Component(module, kind, patcher=patcher, key_prefix="" if held is module else "model.")

@@ -2,7 +2,8 @@
 
 `to_q/to_k/to_v/to_out.0` and `ff.net.0.proj/ff.net.2` are diffusers' names; the checkpoints use them,
 so these modules keep them. Attention runs through `scaled_dot_product_attention`, which picks the
-memory-efficient kernel the device offers.
+memory-efficient kernel the device offers, unless a host sets its own attention function for a scope
+(`attention_function`: inside ComfyUI, ComfyUI's attention backends).
 
 Memory: under a memory budget the transformer sets two limits for its forward's scope (context
 variables, so nothing is stored on the modules): `feed_forward_chunks(n)` makes every feed-forward run
@@ -26,6 +27,23 @@ MIN_CHUNK_ROWS = 128
 
 _QUERY_CHUNK: ContextVar = ContextVar("easyanimate_query_chunk", default=None)
 _FEED_FORWARD_BYTES: ContextVar = ContextVar("easyanimate_feed_forward_bytes", default=None)
+_ATTENTION_FN: ContextVar = ContextVar("easyanimate_attention_fn", default=None)
+
+
+@contextmanager
+def attention_function(fn, *, override: bool = True):
+    """Within the block, every `Attention` calls `fn(q, k, v, heads, bias)` instead of SDPA: q/k/v are
+    (N, heads, L, head_dim), bias an additive (N, 1, 1, Lk) or None; it returns (N, Lq, heads * head_dim).
+    A host sets it (ComfyUI: its attention backends and their patches); None, or no scope: SDPA.
+    `override=False` keeps a function an enclosing scope already set."""
+    if fn is None or (not override and _ATTENTION_FN.get() is not None):
+        yield
+        return
+    token = _ATTENTION_FN.set(fn)
+    try:
+        yield
+    finally:
+        _ATTENTION_FN.reset(token)
 
 
 @contextmanager
@@ -69,6 +87,9 @@ class Attention(nn.Module):
         q, k, v = (t.view(n, -1, self.heads, t.shape[-1] // self.heads).transpose(1, 2) for t in (q, k, v))
         if bias is not None:
             bias = bias.to(q.dtype)[:, None]  # (N, 1, 1, Lk): same bias for every head and query
+        fn = _ATTENTION_FN.get()
+        if fn is not None:  # a host's attention (`attention_function`)
+            return self.to_out[0](fn(q, k, v, self.heads, bias))
         rows = _QUERY_CHUNK.get()
         if rows is None or q.shape[2] <= rows:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)

@@ -19,7 +19,8 @@ what a caller's own `query_chunks` / `feed_forward_chunks` scope asks for).
 from __future__ import annotations
 
 import json
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field, fields
 from importlib import resources
 
@@ -28,7 +29,7 @@ import torch.nn as nn
 from einops import rearrange
 
 from ..errors import EasyAnimateError
-from .attention import Attention, FeedForward, feed_forward_chunks, layer_norm, query_chunks
+from .attention import Attention, FeedForward, attention_function, feed_forward_chunks, layer_norm, query_chunks
 from .embeddings import AdaLNSingle, MLPEmbedder, PatchEmbed
 from .motion import MotionModule
 
@@ -40,6 +41,21 @@ UVIT_FIRST_POP = 15  # blocks 15.. receive one each, last in first out
 
 CLIP_TOKENS = 8
 CLIP_EMBED_DIM = 768
+
+_BLOCK_REPLACEMENTS: ContextVar = ContextVar("easyanimate_block_replacements", default=None)
+
+
+@contextmanager
+def block_replacements(replacements: dict | None):
+    """Within the block, DiT block i runs as `replacements[i](tokens, context, t6, original)` where
+    `original(tokens, context, t6)` runs the block itself (tokens (B, F*h*w, D), context the text (+ CLIP)
+    tokens, t6 the block modulation): a host's block-level patches (ComfyUI's `patches_replace`). The
+    U-ViT skips around the blocks stay as they are."""
+    token = _BLOCK_REPLACEMENTS.set(replacements or None)
+    try:
+        yield
+    finally:
+        _BLOCK_REPLACEMENTS.reset(token)
 
 
 def family_preset(family: str) -> dict:
@@ -214,6 +230,8 @@ class EasyAnimateTransformer3D(nn.Module):
         self.scale_shift_table = nn.Parameter(torch.empty(2, dim, dtype=dtype, device=device))
         self.proj_out = operations.Linear(dim, cfg.patch_size**2 * cfg.out_channels, bias=True, dtype=dtype, device=device)
         self.memory_budget: int | None = None  # bytes of activations a forward may use; None = no limit
+        # A host's attention (see `attention.attention_function`), used unless a caller's scope sets one.
+        self.attention_function = None
 
     # Working copies of the token activations a block holds at its peak (normalised input, attention
     # projections, feed-forward input and output), besides the U-ViT skips that wait for their block.
@@ -271,9 +289,8 @@ class EasyAnimateTransformer3D(nn.Module):
         if budget is None:
             return None
         p = self.config.patch_size
-        element = torch.finfo(self.dtype).bits // 8 if self.dtype.is_floating_point else 4
         widest = max((m.inner_width for m in self.modules() if isinstance(m, FeedForward)), default=0)
-        whole = rows * frames * (height // p) * (width // p) * widest * element
+        whole = rows * frames * (height // p) * (width // p) * widest * self._element_size()
         return None if whole <= budget // 2 else budget // 2
 
     def forward(
@@ -299,6 +316,7 @@ class EasyAnimateTransformer3D(nn.Module):
         args = (x, timestep, encoder_hidden_states, encoder_attention_mask, inpaint_latents,
                 clip_encoder_hidden_states, clip_attention_mask)
         with ExitStack() as scope:  # what the budget plans; without one, a caller's own limits stay in force
+            scope.enter_context(attention_function(self.attention_function, override=False))
             if queries is not None:
                 scope.enter_context(query_chunks(queries))
             if feed_forward_bytes is not None:
@@ -342,10 +360,16 @@ class EasyAnimateTransformer3D(nn.Module):
 
         del x, inpaint_latents
         skips = []
+        replacements = _BLOCK_REPLACEMENTS.get() or {}
         for index, block in enumerate(self.transformer_blocks):
             if cfg.enable_uvit and index >= UVIT_FIRST_POP:
                 tokens = tokens + self.long_connect_fc[index - UVIT_FIRST_POP](skips.pop())
-            tokens = block(tokens, t6, context, context_bias, frames, grid_h, grid_w)
+            if index in replacements:
+                def original(h, c, t, block=block, bias=context_bias):
+                    return block(h, t, c, bias, frames, grid_h, grid_w)
+                tokens = replacements[index](tokens, context, t6, original)
+            else:
+                tokens = block(tokens, t6, context, context_bias, frames, grid_h, grid_w)
             if cfg.enable_uvit and index < UVIT_PUSHES:
                 skips.append(tokens)
         del skips, context, context_bias

@@ -68,7 +68,8 @@ mm.unload_all_models()
 mm.vram_state = mm.VRAMState.NO_VRAM  # ComfyUI's lowest setting: no layer stays loaded, each is cast per call
 mm.is_device_cpu = lambda device: False  # the CPU stands in for a GPU
 low, low_lora = sample(model), sample(adapted)
-loaded = [p for p in mm.current_loaded_models if p.model.model is module]
+# The patcher holds the native-route model around the transformer (nodes/native.py), or the transformer itself.
+loaded = [p for p in mm.current_loaded_models if getattr(p.model.model, "diffusion_model", p.model.model) is module]
 assert loaded and loaded[0].model.model.model_lowvram, "the transformer was not loaded on the lowvram path"
 streamed = [m for m in module.modules() if getattr(m, "comfy_cast_weights", False)]
 assert len(streamed) > 10, len(streamed)

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from comfyui_script import comfyui_command
 from conftest import ROOT
 from pack_fixtures import write_lora
 from release import make_release, make_v1_release
@@ -27,8 +28,6 @@ COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason="COMFYUI_DIR is not set: no real ComfyUI to run the workflows in")
 
 SIZE, FRAMES, STEPS = 32, 8, 2
-# The test host's launcher (beside the project) works around a CPU-only torch without torchvision.
-LAUNCHER = ROOT.parent / "shared" / "comfyhost" / "launch_comfy.py"
 
 
 def free_port() -> int:
@@ -87,14 +86,11 @@ def server(tmp_path_factory):
     (base / "input" / "example.png").write_bytes(png_bytes(48, 40))
 
     port = free_port()
-    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
-    main = str(Path(COMFYUI_DIR) / "main.py")
-    command = [python, str(LAUNCHER), main] if LAUNCHER.is_file() else [python, main]
-    command += ["--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory", str(base),
-                "--disable-auto-launch"]
-    env = dict(os.environ, COMFYHOST_TV_SHIM="1")
+    python = os.environ.get("COMFYUI_PYTHON", sys.executable)  # also reads the written videos (PyAV)
+    command = comfyui_command(Path(COMFYUI_DIR) / "main.py", "--cpu", "--listen", "127.0.0.1", "--port", port,
+                              "--base-directory", base, "--disable-auto-launch")
     log = open(base / "server.log", "w")
-    process = subprocess.Popen(command, cwd=COMFYUI_DIR, stdout=log, stderr=subprocess.STDOUT, env=env)
+    process = subprocess.Popen(command, cwd=COMFYUI_DIR, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(240):
@@ -131,10 +127,14 @@ def tiny(graph: dict) -> dict:
             inputs.update(model="PixArt-tiny" if v1 else "EasyAnimateV3-tiny", precision="fp32")
             if v1:
                 inputs["motion_module"] = "mm-tiny.safetensors"
-        elif kind == "EasyAnimateLoRALoader":
+        elif kind in ("EasyAnimateLoRALoader", "LoraLoaderModelOnly"):
             inputs["lora_name"] = "style_a.safetensors"
         elif kind == "EasyAnimateSampler":
             inputs.update(width=SIZE, height=SIZE, frames=FRAMES, steps=STEPS)
+        elif kind == "EasyAnimateToVideo":  # the native route's
+            inputs.update(width=SIZE, height=SIZE, frames=FRAMES)
+        elif kind == "KSampler":
+            inputs["steps"] = STEPS
         elif kind == "MuLTIVideoTextScore":
             inputs["frames_per_video"] = FRAMES
     return graph

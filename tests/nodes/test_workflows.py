@@ -14,7 +14,8 @@ from conftest import ROOT
 
 WORKFLOWS = ROOT / "workflows"
 # ComfyUI core nodes the shipped workflows use (their definitions live in ComfyUI itself).
-CORE_NODES = {"CreateVideo", "SaveVideo", "LoadImage", "LoadVideo", "GetVideoComponents", "PreviewAny"}
+CORE_NODES = {"CreateVideo", "SaveVideo", "LoadImage", "LoadVideo", "GetVideoComponents", "PreviewAny",
+              "KSampler", "LoraLoaderModelOnly", "EasyCache"}  # the last three: the native route's workflows
 # Combos whose options are the files on the user's disk: any value is accepted here.
 FILE_COMBOS = {"model", "lora_name", "motion_module", "personalized"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}

@@ -331,7 +331,8 @@ def build_cache(data_folder, vae_folder, text_folder, frames: int, seed: int, ba
     return LatentCache(tensors)
 
 
-def _sample(mean, std, gen):
+def sample_posterior(mean, std, gen):
+    """A draw from the diagonal Gaussian (mean, std), from `gen`."""
     return mean + std * torch.randn(mean.shape, generator=gen)
 
 
@@ -342,16 +343,17 @@ def make_batch(cache: LatentCache, cfg: DiTTrainConfig, step: int) -> dict:
     size = cfg.image_batch if is_image_step else cfg.video_batch
     ids = torch.randint(cache.count, (size,), generator=gen)
     if is_image_step:
-        x0 = _sample(cache.image_mean[ids], cache.image_std[ids], gen)
-        mask = _sample(*cache.image_mask_all, gen).expand(size, -1, -1, -1, -1)
-        masked = _sample(*cache.image_masked_none, gen).expand(size, -1, -1, -1, -1)
+        x0 = sample_posterior(cache.image_mean[ids], cache.image_std[ids], gen)
+        mask = sample_posterior(*cache.image_mask_all, gen).expand(size, -1, -1, -1, -1)
+        masked = sample_posterior(*cache.image_masked_none, gen).expand(size, -1, -1, -1, -1)
         text_ids = cache.image_caption_ids[ids]
     else:
-        x0 = _sample(cache.video_mean[ids], cache.video_std[ids], gen)
+        x0 = sample_posterior(cache.video_mean[ids], cache.video_std[ids], gen)
         keep_first = (torch.rand(size, generator=gen) < cfg.first_frame_prob).view(-1, 1, 1, 1, 1)
-        mask = torch.where(keep_first, _sample(*cache.mask_first_kept, gen), _sample(*cache.mask_all, gen))
-        masked = torch.where(keep_first, _sample(cache.first_mean[ids], cache.first_std[ids], gen),
-                             _sample(*cache.masked_none, gen))
+        mask = torch.where(keep_first, sample_posterior(*cache.mask_first_kept, gen),
+                           sample_posterior(*cache.mask_all, gen))
+        masked = torch.where(keep_first, sample_posterior(cache.first_mean[ids], cache.first_std[ids], gen),
+                             sample_posterior(*cache.masked_none, gen))
         text_ids = cache.caption_ids[ids]
     dropped = torch.rand(size, generator=gen) < cfg.text_dropout
     text_ids = torch.where(dropped, torch.zeros_like(text_ids), text_ids)  # row 0 = the empty prompt
@@ -423,19 +425,32 @@ def train_dit(cfg: DiTTrainConfig) -> Path:
     return export_release(run / "model", ema.state_dict(), config, cfg.vae, cfg.text)
 
 
-def run_diffusion_training(model, optimizer, cache, cfg, run: Path, start: int, desc: str, *, ema=None,
-                           clip_grad: float | None = None) -> bool:
-    """Steps `start`..`cfg.steps` of the diffusion objective on cached latents (shared by the DiT and LoRA
-    trainers): warm-up + cosine learning rate, optional gradient clipping and EMA, loss log, progress bar,
-    checkpoints every `cfg.save_every` steps. False when the run stopped early at `cfg.stop_at` (resume later)."""
+def ddpm_objective(cache: LatentCache, cfg):
+    """The V3 objective as the training loop calls it: step -> ({"loss", "mse", "vb"}, batch kind)."""
     diffusion = Diffusion()
+
+    def step_terms(model, step: int):
+        batch = make_batch(cache, cfg, step)
+        terms = training_loss(model, diffusion, batch, cfg.mse_weight_cap)
+        return terms, "image" if batch["image_step"] else "video"
+
+    return step_terms
+
+
+def run_diffusion_training(model, optimizer, cache, cfg, run: Path, start: int, desc: str, *, ema=None,
+                           clip_grad: float | None = None, objective=None) -> bool:
+    """Steps `start`..`cfg.steps` of a diffusion objective on cached latents (shared by the DiT and LoRA
+    trainers of both families): warm-up + cosine learning rate, optional gradient clipping and EMA, loss
+    log, progress bar, checkpoints every `cfg.save_every` steps. `objective(model, step)` gives the step's
+    loss terms (tensors, "loss" first) and its batch kind; None: the V3 objective (`ddpm_objective`).
+    False when the run stopped early at `cfg.stop_at` (resume later)."""
+    objective = objective or ddpm_objective(cache, cfg)
     log = LossLog(run, cfg.print_every, resume_step=start)
     progress = Progress(cfg.steps, desc, start=start)
     for step in range(start, cfg.steps):
         for group in optimizer.param_groups:
             group["lr"] = warmup_cosine(step, cfg.steps, cfg.lr, cfg.warmup)
-        batch = make_batch(cache, cfg, step)
-        terms = training_loss(model, diffusion, batch, cfg.mse_weight_cap)
+        terms, kind = objective(model, step)
         optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
         extra = {}
@@ -444,8 +459,8 @@ def run_diffusion_training(model, optimizer, cache, cfg, run: Path, start: int, 
         optimizer.step()
         if ema is not None:
             ema.update(model, step)
-        log.write(step + 1, loss=terms["loss"].item(), mse=terms["mse"].item(), vb=terms["vb"].item(),
-                  kind="image" if batch["image_step"] else "video", **extra, lr=optimizer.param_groups[0]["lr"])
+        log.write(step + 1, **{name: value.item() for name, value in terms.items()}, kind=kind, **extra,
+                  lr=optimizer.param_groups[0]["lr"])
         progress.update(loss=terms["loss"].item())
         if (step + 1) % cfg.save_every == 0 or step + 1 in (cfg.steps, cfg.stop_at):
             save_checkpoint(run, step + 1, model, optimizer, ema)

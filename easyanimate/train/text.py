@@ -1,4 +1,5 @@
-"""The demo's text side: a sentencepiece tokenizer trained on the captions and a tiny T5 v1.1 encoder.
+"""The V3 demo's text side: a sentencepiece tokenizer trained on the captions and a tiny T5 v1.1 encoder
+(the V5.1 demo's Qwen2-VL side is `text_v51`; `train_text(..., family="v51")` builds it).
 
     python -m easyanimate train-text --data DATA --out RUN
 
@@ -86,16 +87,28 @@ def build_text_encoder(folder, vocab_size: int, seed: int, config: dict | None =
     return save_weights(folder, state, config, dtype=torch.float16, weights_name="model.safetensors")
 
 
-def train_text(data: str, out: str, seed: int = 0, vocab_size: int = 200, captions: list[str] | None = None) -> Path:
-    """Tokenizer + encoder for the captions of a data folder (plus any extra `captions`); returns `out`."""
+DEFAULT_VOCAB_SIZES = {"v3": 200, "v51": 1000}  # an upper bound: word pieces (v3), bytes + BPE merges (v51)
+
+
+def train_text(data: str, out: str, seed: int = 0, vocab_size: int | None = None, captions: list[str] | None = None,
+               family: str = "v3") -> Path:
+    """Tokenizer + encoder for the captions of a data folder (plus any extra `captions`); returns `out`.
+    `family` "v3": sentencepiece + T5 (this module); "v51": Qwen2 BPE + Qwen2-VL (`text_v51`)."""
     from ..text import T5PromptTokenizer
     from .data import read_folder
 
+    if family not in DEFAULT_VOCAB_SIZES:
+        raise ValueError(f"Unknown text training family '{family}'; use one of {', '.join(DEFAULT_VOCAB_SIZES)}.")
+    vocab_size = vocab_size or DEFAULT_VOCAB_SIZES[family]
     setup(seed)
     clips = read_folder(data) if data else None
     texts = list(captions or [])
     if clips is not None:
         texts += clips.captions + clips.image_captions
+    if family == "v51":
+        from .text_v51 import train_text_v51
+
+        return train_text_v51(texts, out, seed, vocab_size)
     out = Path(out)
     tokenizer_dir = train_tokenizer(texts, out / "tokenizer", vocab_size)
     tokenizer = T5PromptTokenizer.from_path(tokenizer_dir)

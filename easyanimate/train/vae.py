@@ -1,12 +1,16 @@
-"""Training the V3 slice VAE: reconstruction + KL, on clips and single frames.
+"""Training the demo VAEs: reconstruction + KL, on clips and single frames.
 
-The network is the pack's own `MagvitVAE` (built by `easyanimate.vae.build_vae("v3", config)`), so the
-saved `vae/` folder has the released key names and loads with `load_vae`. Training walks each clip the
-way inference does: 8-frame slices encoded independently (2 latents each), and every 2-latent slice
-decoded with its neighbours as context (V3 feature sharing), taken from the same `FrameRule` plans the
-inference driver uses. Single frames go through the lone-frame path (what images and first frames use).
+Two families (`family`): "v3", the V3 slice VAE (`MagvitVAE`), and "v51", the causal MagViT VAE that V5 and
+V5.1 share (`MagvitV5VAE`, 16 latent channels, 1 + 4k frames). The networks are the pack's own, built by
+`easyanimate.vae.build_vae`, so the saved `vae/` folder has the released key names and loads with `load_vae`.
+Training walks each clip the way inference does. V3: 8-frame slices encoded independently (2 latents
+each), and every 2-latent slice decoded with its neighbours as context (V3 feature sharing), taken from the
+same `FrameRule` plans the inference driver uses; single frames go through the lone-frame path (what
+images and first frames use). V5.1: the whole clip as one causal stream (equal to the inference driver's
+frame 0 + 4-frame chunks: the streaming cache makes chunking exact), a single frame as a 1-frame stream.
 
     python -m easyanimate train-vae --data DATA --out RUN --steps 1200
+    python -m easyanimate train-vae --family v51 --data DATA17 --out RUN --steps 2000   # 17-frame clips
 
 Loss = L1 + MSE (pixels in [-1, 1], pixels off the frame's median colour weighted `object_weight` times
 more) + kl_weight * KL(posterior || N(0, 1)) (mean over latent elements), optionally + temporal_weight *
@@ -16,6 +20,8 @@ frames show where the object is at their time (what these terms did on the demo 
 At the end the latents of a sample of the data set give the `scaling_factor` (1 / std) that makes them
 roughly unit variance for the diffusion model, written into the config like the released 0.18215.
 
+`temporal_weight` and `preview_weight` are V3 terms (they are about its 8-frame slices); a V5.1 run refuses them.
+
 `decoder_only` (with `init_from`) trains the decoder alone, on L1 + MSE: the encoder, its latents and the
 scaling factor stay bit for bit, so a transformer trained on those latents still fits. The demo VAE got its
 sharper shapes that way (a decoder trained longer than the encoder; easyanimate/demo/README.md).
@@ -23,7 +29,7 @@ sharper shapes that way (a decoder trained longer than the encoder; easyanimate/
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -60,15 +66,55 @@ DEMO_VAE_CONFIG = {
     "tile_overlap_factor": 0.25,
 }
 
+# The V5.1 demo VAE: the released V5/V5.1 vae/config.json with every switch as released (cache_mag_vae,
+# per-frame GroupNorm, no mid-block attention, 16 latent channels, chunks of 4 frames / 1 latent), widths
+# 8..64 instead of 128..512 and one residual block per level (two in the decoder). 64 px frames give an
+# 8 x 8 latent grid, 17 frames 5 latent frames.
+DEMO_V51_VAE_CONFIG = {
+    "_class_name": "AutoencoderKLMagvit",
+    "in_channels": 3,
+    "out_channels": 3,
+    "block_out_channels": [8, 16, 32, 64],
+    "down_block_types": ["SpatialDownBlock3D", "SpatialTemporalDownBlock3D", "SpatialTemporalDownBlock3D",
+                         "SpatialTemporalDownBlock3D"],
+    "up_block_types": ["SpatialUpBlock3D", "SpatialTemporalUpBlock3D", "SpatialTemporalUpBlock3D",
+                       "SpatialTemporalUpBlock3D"],
+    "layers_per_block": 1,
+    "latent_channels": 16,
+    "norm_num_groups": 4,
+    "act_fn": "silu",
+    "mid_block_use_attention": False,
+    "mid_block_attention_type": "spatial",
+    "spatial_group_norm": True,
+    "scaling_factor": 1.0,  # replaced by the measured value when training ends
+    "force_upcast": True,
+    "sample_size": 64,
+    "slice_mag_vae": False,
+    "slice_compression_vae": False,
+    "cache_compression_vae": False,
+    "cache_mag_vae": True,
+    "mini_batch_encoder": 4,
+    "mini_batch_decoder": 1,
+    "use_tiling": False,
+    "use_tiling_encoder": False,
+    "use_tiling_decoder": False,
+}
+
+# Per training family: the VAE family `easyanimate.vae` builds, the demo config, the clip length.
+VAE_FAMILIES = {"v3": "v3", "v51": "v5"}
+DEMO_VAE_CONFIGS = {"v3": DEMO_VAE_CONFIG, "v51": DEMO_V51_VAE_CONFIG}
+DEFAULT_FRAMES = {"v3": 16, "v51": 17}
+
 
 @dataclass
 class VAETrainConfig:
     data: str
     out: str
+    family: str = "v3"  # "v3" (slice VAE) or "v51" (the V5/V5.1 causal VAE)
     steps: int = 1200
     clips_per_batch: int = 4
     images_per_batch: int = 8
-    frames: int = 16
+    frames: int | None = None  # None: the family's demo clip length (DEFAULT_FRAMES)
     lr: float = 1e-3
     warmup: int = 50
     kl_weight: float = 1e-4
@@ -82,18 +128,34 @@ class VAETrainConfig:
     save_every: int = 200
     print_every: int = 50
     stop_at: int | None = None  # end this run after that step (a time-boxed part of a longer run; resume later)
-    model: dict = field(default_factory=lambda: dict(DEMO_VAE_CONFIG))
+    model: dict | None = None  # the whole VAE config; None: the family's demo config (DEMO_VAE_CONFIGS)
+
+    def model_config(self) -> dict:
+        return dict(self.model if self.model is not None else DEMO_VAE_CONFIGS[self.family])
+
+    def clip_frames(self) -> int:
+        return self.frames or DEFAULT_FRAMES[self.family]
 
 
 # ------------------------------------------------------------------------------ differentiable driving
 def encode_moments(vae, pixels: torch.Tensor) -> torch.Tensor:
-    """(B, 3, F, H, W) in [-1, 1] -> moments (B, 2*latent, F_lat, h, w), slice by slice, with gradients."""
+    """(B, 3, F, H, W) in [-1, 1] -> moments (B, 2*latent, F_lat, h, w), with gradients: V3 slice by slice,
+    V5 as one causal stream."""
+    if vae.rules.streaming:
+        from ..models.vae_magvit5 import StreamCache
+
+        return vae.model.encode_chunk(pixels, StreamCache())
     parts = [vae.model.encode_chunk(pixels[:, :, c.start:c.stop], c.mode) for c in vae.rules.encode_plan(pixels.shape[2])]
     return torch.cat(parts, dim=2)
 
 
 def decode_latents(vae, z: torch.Tensor) -> torch.Tensor:
-    """Unscaled latents -> pixels, every slice seeing its neighbours as at inference, with gradients."""
+    """Unscaled latents -> pixels, with gradients: V3 every slice seeing its neighbours as at inference, V5 as
+    one causal stream."""
+    if vae.rules.streaming:
+        from ..models.vae_magvit5 import StreamCache
+
+        return vae.model.decode_chunk(z, StreamCache())
     parts = []
     for c in vae.rules.decode_plan(z.shape[2]):
         window = z[:, :, c.context_start:c.context_stop]
@@ -182,39 +244,60 @@ def vae_loss(vae, pixels: torch.Tensor, kl_weight: float, object_weight: float =
     return loss, terms
 
 
-def build_trainable_vae(model_config: dict):
+def build_trainable_vae(model_config: dict, family: str = "v3"):
     from ..vae import build_vae
 
-    vae = build_vae("v3", model_config)
+    vae = build_vae(VAE_FAMILIES[family], model_config)
     vae.model.train().requires_grad_(True)
     return vae
 
 
 # ------------------------------------------------------------------------------ the loop
+def check_vae_config(cfg: VAETrainConfig) -> None:
+    """Refuse settings that do not fit together, before a run folder is made."""
+    if cfg.family not in VAE_FAMILIES:
+        raise ValueError(f"Unknown VAE training family '{cfg.family}'; use one of {', '.join(VAE_FAMILIES)}.")
+    if cfg.family == "v51":
+        if cfg.temporal_weight or cfg.preview_weight:
+            raise ValueError("temporal_weight and preview_weight are terms for the V3 slice VAE's 8-frame slices; "
+                             "a v51 run takes neither: set them to 0")
+        if (cfg.clip_frames() - 1) % 4:
+            raise ValueError(f"The V5.1 VAE takes 1 + 4k frames (e.g. 13 or 17); got frames={cfg.clip_frames()}")
+
+
 def train_vae(cfg: VAETrainConfig) -> Path:
     """Train (or resume) and write `<out>/vae/` (config.json + safetensors). Returns that folder."""
+    check_vae_config(cfg)
     if cfg.decoder_only and not cfg.init_from:
         raise ValueError("decoder_only fine-tunes an existing VAE's decoder: give init_from (a vae/ folder or a train-vae run)")
     if cfg.decoder_only and (cfg.temporal_weight or cfg.preview_weight):
         raise ValueError("temporal_weight and preview_weight shape the latents, which decoder_only keeps frozen: set them to 0")
     source_folder = subfolder_or_self(cfg.init_from, "vae") if cfg.init_from else None
-    if cfg.decoder_only:  # the source's own config, scaling factor included: its latents stay as they are
-        cfg = replace(cfg, model=json.loads((source_folder / "config.json").read_text()))
-    run, _ = start_run(cfg)
-    data = read_folder(cfg.data, frames=cfg.frames)
-    count = len(data)
-
-    vae = build_trainable_vae(cfg.model)
-    model = vae.model
+    source = None
     if source_folder:
         from ..vae import load_vae
 
-        model.load_state_dict(load_vae(source_folder, dtype="fp32").model.state_dict())
+        source = load_vae(source_folder, dtype="fp32")
+        if source.family != VAE_FAMILIES[cfg.family]:
+            raise ValueError(f"init_from holds a {source.family} VAE; a {cfg.family} run trains a "
+                             f"{VAE_FAMILIES[cfg.family]} one (see --family)")
+    if cfg.decoder_only:  # the source's own config, scaling factor included: its latents stay as they are
+        cfg = replace(cfg, model=json.loads((source_folder / "config.json").read_text()))
+    run, _ = start_run(cfg)
+    frames = cfg.clip_frames()
+    data = read_folder(cfg.data, frames=frames)
+    count = len(data)
+    model_config = cfg.model_config()
+
+    vae = build_trainable_vae(model_config, cfg.family)
+    model = vae.model
+    if source is not None:
+        model.load_state_dict(source.model.state_dict())
     if cfg.decoder_only:
         model.encoder.requires_grad_(False)
         model.quant_conv.requires_grad_(False)
     # The preview head only exists during training; the checkpoint keeps it next to the VAE.
-    preview_head = torch.nn.Linear(cfg.model["latent_channels"], 3)
+    preview_head = torch.nn.Linear(model_config["latent_channels"], 3)
     parameters = [p for p in model.parameters() if p.requires_grad]
     parameters += list(preview_head.parameters()) if cfg.preview_weight > 0 else []
     optimizer = torch.optim.AdamW(parameters, lr=cfg.lr, weight_decay=0.0)
@@ -233,7 +316,7 @@ def train_vae(cfg: VAETrainConfig) -> Path:
         pick = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         clip_ids = torch.randint(count, (cfg.clips_per_batch,), generator=pick).numpy()
         image_ids = torch.randint(count, (cfg.images_per_batch,), generator=pick).numpy()
-        frame_ids = torch.randint(cfg.frames, (cfg.images_per_batch,), generator=pick).numpy()
+        frame_ids = torch.randint(frames, (cfg.images_per_batch,), generator=pick).numpy()
         clips = to_model_pixels(data.clips[np.sort(clip_ids)])
         images = to_model_pixels(data.clips[image_ids, frame_ids][:, None])
 
@@ -258,7 +341,7 @@ def train_vae(cfg: VAETrainConfig) -> Path:
             print(f"stopped at step {step + 1} of {cfg.steps}; run again to resume", flush=True)
             return None
     progress.close()
-    return export_vae(vae, data, run, cfg.model, measure_scale=not cfg.decoder_only)
+    return export_vae(vae, data, run, model_config, measure_scale=not cfg.decoder_only)
 
 
 @torch.no_grad()

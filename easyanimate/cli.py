@@ -3,9 +3,9 @@
     generate     prompt -> video (mp4 / gif / webp / png frames); the embedded demo model by default
     info         what a model folder or file is: family, dtype, sizes, what is missing
     make-data    write a synthetic data folder (clips + captions + ground truth)
-    train-vae    train the V3 slice VAE on a data folder
-    train-text   train the tokenizer and build the tiny T5 encoder for a data folder's captions
-    train-dit    train the V3 InP transformer and write a release folder
+    train-vae    train the V3 slice VAE (or, --family v51, the V5/V5.1 VAE) on a data folder
+    train-text   train the tokenizer and build the tiny T5 (or, --family v51, Qwen2-VL) encoder for the captions
+    train-dit    train the V3 InP transformer (or, --family v51, the V5.1 InP MMDiT) and write a release folder
     train-lora   train a LoRA on a data folder, written in the EasyAnimate LoRA format
     evaluate     prompt adherence of a model (and a LoRA) on the synthetic vocabulary
     multi-train  train MuLTI (video-language understanding) on synthetic clips: pretrain, finetune, all
@@ -24,28 +24,54 @@ import time
 from pathlib import Path
 
 DEMO_NAME = "EasyAnimateV3-demo-64px"
+TRAINING_FAMILIES = ("v3", "v51")  # train-vae / train-text / train-dit --family
 DEMO_LORA = "loras/magenta.safetensors"  # inside the demo folder: turns every object magenta
-# Used when a model folder has no generation.json: the defaults of the EasyAnimate V3 reference's
-# predict script (144 frames at 384x672, 25 steps, CFG 7, 24 fps, seed 43).
 # Limits of the generate options (refused outside them, before anything is loaded).
 MAX_GUIDANCE = 100.0
 MAX_FPS = 240
 MAX_STEPS = 1000  # the samplers' 1000-step training schedule
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm")
 OUTPUT_SUFFIXES = VIDEO_SUFFIXES + (".gif", ".webp", ".png")
+# Used when a V1–V3 model folder has no generation.json: the defaults of the EasyAnimate V3 reference's
+# predict script (144 frames at 384x672, 25 steps, CFG 7, 24 fps, seed 43). V5/V5.1 folders take theirs
+# from `stages_v5.GENERATION_DEFAULTS` (49 frames at 384x672, 50 steps, CFG 6, 8 fps, seed 43).
 RELEASE_DEFAULTS = {"frames": 144, "height": 384, "width": 672, "steps": 25, "guidance_scale": 7.0,
                     "sampler": "Euler", "fps": 24, "seed": 43, "negative_prompt": ""}
+MMDIT_FAMILIES = ("v5", "v51")
+SAMPLER_CHOICES = ["Euler", "Euler A", "DPM++", "PNDM", "DDIM", "Flow"]
+# Video-to-video strength when --input-video is given without --strength (the reference's 0.70).
+DEFAULT_STRENGTH = 0.7
 
 
 def demo_model_path() -> Path:
     return Path(__file__).resolve().parent / "demo" / DEMO_NAME
 
 
-def generation_defaults(model_path: Path) -> dict:
-    """A model folder's `generation.json` (the demo ships one with its best settings) over the release defaults."""
+def release_defaults(family: str | None) -> dict:
+    """The defaults of a family's reference scripts (V1–V3: the V3 predict script's)."""
+    if family in MMDIT_FAMILIES:
+        from .stages_v5 import DEFAULT_SAMPLER, GENERATION_DEFAULTS
+
+        return {**GENERATION_DEFAULTS, "sampler": DEFAULT_SAMPLER[family], "negative_prompt": ""}
+    return dict(RELEASE_DEFAULTS)
+
+
+def model_family(model_path: Path) -> str | None:
+    """The family of a release folder's transformer ("v3", "v51", ...), or None when it cannot be told."""
+    try:
+        from .loading import detect_family
+
+        return detect_family(model_path).family
+    except Exception:  # describing or loading the folder names the problem
+        return None
+
+
+def generation_defaults(model_path: Path, family: str | None = None) -> dict:
+    """A model folder's `generation.json` (the demo ships one with its best settings) over the release defaults
+    of its family (`family` None: read from the folder)."""
     from .checkpoint import read_json_config
 
-    defaults = dict(RELEASE_DEFAULTS)
+    defaults = release_defaults(family or model_family(model_path))
     file = Path(model_path) / "generation.json"
     if file.is_file():
         defaults.update({k: v for k, v in read_json_config(file, what="generation settings file").items()
@@ -64,7 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = commands.add_parser("generate", help="make a video from a prompt (demo model by default)",
                             description="Generate a video. Unset options come from the model folder's generation.json "
-                                        "(the demo's best settings), else from the V3 reference defaults.")
+                                        "(the demo's best settings), else from the reference defaults of the model's "
+                                        "family (V3: 144 frames at 384x672, 25 steps, CFG 7, Euler, 24 fps; V5/V5.1: "
+                                        "49 frames at 384x672, 50 steps, CFG 6, 8 fps, sampler Flow for V5.1 and "
+                                        "Euler for V5; seed 43).")
     g.add_argument("--prompt", "-p", required=True, help='e.g. "a red circle moving right on a black background"')
     g.add_argument("--negative", "--negative-prompt", dest="negative_prompt", default=None, help="negative prompt")
     g.add_argument("--seed", type=int, default=None, help=f"random seed, 0 to {2**63 - 1} (default 43)")
@@ -72,15 +101,54 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output: .mp4, .mov, .mkv, .webm, .gif, .webp, or .png (one file per frame: NAME_0000.png, ...); "
                         "checked before generating, written to a temporary file and renamed at the end")
     g.add_argument("--model", "-m", default=None, help=f"release folder (default: the embedded demo, {DEMO_NAME})")
-    g.add_argument("--frames", type=int, default=None, help="frame count, at least 1 (V3: 1 or a multiple of 8)")
-    g.add_argument("--size", default=None, metavar="HxW", help="frame size in pixels, e.g. 64x64 (multiples of 8 x patch)")
+    g.add_argument("--frames", type=int, default=None,
+                   help="frame count, at least 1 (V3: 1 or a multiple of 8; V5/V5.1: 1 + 4k, e.g. 49)")
+    g.add_argument("--size", default=None, metavar="HxW",
+                   help="frame size in pixels, e.g. 64x64 (multiples of 8 x patch: 16 for V3 and V5/V5.1)")
     g.add_argument("--steps", type=int, default=None, help="sampling steps, 1 to 1000")
     g.add_argument("--cfg", "--guidance-scale", dest="guidance_scale", type=float, default=None,
                    help=f"classifier-free guidance scale, 0 to {MAX_GUIDANCE:g} (1 or less: no guidance)")
-    g.add_argument("--sampler", default=None, choices=["Euler", "Euler A", "DPM++", "PNDM", "DDIM"])
+    g.add_argument("--sampler", default=None, choices=SAMPLER_CHOICES,
+                   help="sampler: Flow for V5.1 (a flow-matching model, it runs no other); Euler, Euler A, DPM++, "
+                        "PNDM or DDIM for V1–V3 and V5 (default: the model's, see above)")
+    g.add_argument("--shift", type=float, default=None,
+                   help="Flow sampler (V5.1): the noise schedule's shift s, sigma -> s*sigma/(1 + (s-1)*sigma), "
+                        "applied as the release's scheduler applies its own (default: the model's "
+                        "scheduler_config.json, 1.0 in the releases; above 1 spends more steps at high noise)")
+    g.add_argument("--teacache", type=float, default=None, metavar="THRESH",
+                   help="V5.1: TeaCache, skip transformer calls whose input barely changed since the last computed "
+                        "one and reuse its residual; the threshold sets how much change may add up before a call is "
+                        "computed again (0.05 to 0.1; the reference uses 0.08, its ComfyUI nodes 0.1; higher is "
+                        "faster and less exact). Off by default")
+    g.add_argument("--teacache-coefficients", default=None, metavar="NAME|LIST",
+                   help="TeaCache's rescaling polynomial: v5.1-12b, v5.1-7b, v5-7b-inp, or comma-separated numbers, "
+                        "highest degree first (default: the model's own, 7B or 12B by its size; V5 has none, as the "
+                        "reference turns TeaCache off for V5: give one to force it)")
     g.add_argument("--start-image", default=None,
-                   help="image file to start from (image-to-video; V3 InP models); resized to the video size, "
-                        "at most 64 megapixels")
+                   help="image file to start from (image-to-video; V3 and V5/V5.1 InP models); resized to the video "
+                        "size, at most 64 megapixels")
+    g.add_argument("--end-image", default=None,
+                   help="image file the video ends on (with --start-image; InP models), resized like --start-image")
+    g.add_argument("--input-video", default=None,
+                   help="video file to redraw (video-to-video): its first frames, every (its fps // --fps)-th as the "
+                        "reference samples them, resized to the video size; see --strength")
+    g.add_argument("--strength", type=float, default=None,
+                   help=f"video-to-video denoise strength, above 0 up to 1: how much of --input-video is redrawn "
+                        f"(the last strength x steps steps run; default {DEFAULT_STRENGTH} with --input-video, as the "
+                        "reference)")
+    g.add_argument("--control-video", default=None,
+                   help="control video for a V5/V5.1 Control model (the canny, depth, pose, ... frames you made), "
+                        "sampled and resized like --input-video")
+    g.add_argument("--reference-image", default=None,
+                   help="reference image for a V5.1 Control or Control-Camera model: what the first frame should "
+                        "look like (resized to the video size)")
+    g.add_argument("--camera-poses", default=None, metavar="FILE",
+                   help="camera path for a V5.1 Control-Camera model: a CameraCtrl / RealEstate10K pose file (first "
+                        "line skipped, then per frame: timestamp fx fy cx cy 0 0 and the 3x4 world-to-camera matrix), "
+                        "turned into Plücker rays per pixel")
+    g.add_argument("--camera-stride", type=int, default=1, metavar="N",
+                   help="with --camera-poses: use every N-th pose line (default 1, as the reference's ComfyUI nodes; "
+                        "its predict script uses 24 // fps, 3 at 8 fps)")
     g.add_argument("--lora", action="append", default=[], metavar="PATH[:STRENGTH]",
                    help="apply a LoRA (repeatable), strength -100 to 100, default 1.0. A name that is not a file is "
                         "looked up in the model folder's loras/ (.safetensors may be left out): with the demo model, "
@@ -121,9 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="outward: shapes start near the centre and head for the named side; across: a path "
                         "anywhere it fits (the clips the demo VAE was trained on)")
 
-    v = commands.add_parser("train-vae", help="train the V3 slice VAE")
+    v = commands.add_parser("train-vae", help="train the V3 slice VAE, or the V5/V5.1 VAE (--family v51)")
     v.add_argument("--data", required=True, help="data folder (clips.npy + captions.txt, or videos + .txt)")
     v.add_argument("--out", required=True, help="run folder (checkpoints, loss.jsonl, vae/)")
+    v.add_argument("--family", choices=TRAINING_FAMILIES, default="v3",
+                   help="v3: the V3 slice VAE (16-frame clips); v51: the causal VAE of V5/V5.1 (1 + 4k frames, 17 by default)")
+    v.add_argument("--frames", type=int, default=None, help="frames per clip (default: 16 for v3, 17 for v51)")
     v.add_argument("--steps", type=int, default=800)
     v.add_argument("--lr", type=float, default=1e-3)
     v.add_argument("--kl-weight", type=float, default=1e-4)
@@ -142,19 +213,26 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--stop-at", type=int, default=None, help="stop after this step (run again to resume)")
     v.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps")
 
-    t = commands.add_parser("train-text", help="train the tokenizer and build the tiny T5 encoder")
+    t = commands.add_parser("train-text", help="train the tokenizer and build the tiny T5 (or Qwen2-VL) encoder")
     t.add_argument("--data", default=None, help="data folder whose captions define the vocabulary")
     t.add_argument("--out", required=True, help="writes OUT/tokenizer and OUT/text_encoder")
+    t.add_argument("--family", choices=TRAINING_FAMILIES, default="v3",
+                   help="v3: sentencepiece words + T5; v51: Qwen2 byte-level BPE + Qwen2-VL with its chat template")
     t.add_argument("--synthetic-vocabulary", action="store_true",
                    help="also add every caption the synthetic generator can write (all shapes, templates)")
-    t.add_argument("--vocab-size", type=int, default=200)
+    t.add_argument("--vocab-size", type=int, default=None,
+                   help="upper bound of the vocabulary (default: 200 for v3; 1000 for v51, bytes and merges)")
     t.add_argument("--seed", type=int, default=0)
 
-    dt = commands.add_parser("train-dit", help="train the V3 InP transformer; writes OUT/model (a release folder)")
+    dt = commands.add_parser("train-dit", help="train the V3 InP transformer, or the V5.1 InP MMDiT (--family v51); "
+                                               "writes OUT/model (a release folder)")
     dt.add_argument("--data", required=True)
-    dt.add_argument("--vae", required=True, help="folder with vae/ (a train-vae run)")
-    dt.add_argument("--text", required=True, help="folder with text_encoder/ and tokenizer/ (a train-text run)")
+    dt.add_argument("--vae", required=True, help="folder with vae/ (a train-vae run of the same family)")
+    dt.add_argument("--text", required=True, help="folder with text_encoder/ and tokenizer/ (a train-text run of the same family)")
     dt.add_argument("--out", required=True, help="run folder (checkpoints, loss.jsonl, latents.pt, model/)")
+    dt.add_argument("--family", choices=TRAINING_FAMILIES, default="v3",
+                    help="v3: the V3 InP DiT, DDPM objective; v51: the V5.1 InP MMDiT, flow matching")
+    dt.add_argument("--frames", type=int, default=None, help="frames per clip (default: 16 for v3, 17 for v51)")
     dt.add_argument("--steps", type=int, default=5000)
     dt.add_argument("--lr", type=float, default=5e-4)
     dt.add_argument("--warmup", type=int, default=200, help="steps of linear learning-rate warm-up")
@@ -170,12 +248,17 @@ def build_parser() -> argparse.ArgumentParser:
                          "colours and layout are decided (0: the reference's plain mean)")
     dt.add_argument("--first-frame-prob", type=float, default=0.5,
                     help="share of video samples that keep their first frame (image-to-video); the rest are text-to-video")
+    dt.add_argument("--sigma-shift", type=float, default=1.0,
+                    help="v51: shift of the sampled noise levels, s*sigma/(1+(s-1)*sigma); above 1 more samples at the "
+                         "noisy end, where layout and colours are decided (1: the reference's uniform sigma)")
+    dt.add_argument("--end-frame-prob", type=float, default=0.25,
+                    help="v51: share of the image-to-video samples that also keep their last frame (start + end images)")
     dt.add_argument("--seed", type=int, default=0)
     dt.add_argument("--threads", type=int, default=2)
     dt.add_argument("--stop-at", type=int, default=None, help="stop after this step (run again to resume)")
     dt.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps")
 
-    lo = commands.add_parser("train-lora", help="train a LoRA (EasyAnimate/kohya format)")
+    lo = commands.add_parser("train-lora", help="train a LoRA (EasyAnimate/kohya format) for a V3 or V5.1 release")
     lo.add_argument("--model", required=True, help="release folder to adapt")
     lo.add_argument("--data", required=True)
     lo.add_argument("--out", required=True, help="run folder; the LoRA is OUT/<name>")
@@ -185,7 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
     lo.add_argument("--alpha", type=float, default=8.0)
     lo.add_argument("--lr", type=float, default=1e-3)
     lo.add_argument("--mse-weight-cap", type=float, default=0.0,
-                    help="as for train-dit: weight the noise MSE by min(1 + 1/SNR, cap) (0: plain mean)")
+                    help="V3 models, as for train-dit: weight the noise MSE by min(1 + 1/SNR, cap) (0: plain mean)")
+    lo.add_argument("--sigma-shift", type=float, default=1.0,
+                    help="V5.1 models, as for train-dit --family v51: more samples at the noisy end (1: uniform sigma)")
+    lo.add_argument("--frames", type=int, default=None, help="frames per clip (default: 16 for V3 models, 17 for V5.1)")
     lo.add_argument("--seed", type=int, default=0)
     lo.add_argument("--threads", type=int, default=2)
     lo.add_argument("--stop-at", type=int, default=None, help="stop after this step (run again to resume)")
@@ -324,58 +410,183 @@ def check_device(text: str):
     return device
 
 
-def _check_generate_options(args, model_path: Path, defaults: dict) -> dict:
-    """Every generate option that can be checked without a model, checked before anything is loaded."""
-    from .errors import check_seed
-    from .sampling import build_sampler
-
+def _check_generate_options(args, model_path: Path, defaults: dict, source) -> dict:
+    """Every generate option that can be checked without loading the model, checked before anything is loaded.
+    `source`: what `loading.detect_family` read from the folder (the family and the transformer's config)."""
     from .checkpoint import read_json_config
+    from .errors import check_seed
+    from .memory import MemoryOptions
+    from .sampling import build_sampler, check_sampler_for_family
 
     file = Path(model_path) / "generation.json"
     file_keys = set(read_json_config(file, what="generation settings file")) if file.is_file() else set()
-    source = lambda value, key: _from(value, file, file_keys, key)
+    source_of = lambda value, key: _from(value, file, file_keys, key)
     if args.threads is not None:
         _whole_number(args.threads, "--threads", 1, 1024)
     check_device(args.device)
-    from .memory import MemoryOptions
-
     memory = MemoryOptions(args.memory_mode, args.swap_blocks, args.memory_budget)  # refuses bad values
     pick = lambda value, key: defaults[key] if value is None else value
-    frames = _whole_number(pick(args.frames, "frames"), "--frames", 1, None, source(args.frames, "frames"))
-    steps = _whole_number(pick(args.steps, "steps"), "--steps", 1, MAX_STEPS, source(args.steps, "steps"))
-    fps = _whole_number(pick(args.fps, "fps"), "--fps", 1, MAX_FPS, source(args.fps, "fps"))
+    frames = _whole_number(pick(args.frames, "frames"), "--frames", 1, None, source_of(args.frames, "frames"))
+    steps = _whole_number(pick(args.steps, "steps"), "--steps", 1, MAX_STEPS, source_of(args.steps, "steps"))
+    fps = _whole_number(pick(args.fps, "fps"), "--fps", 1, MAX_FPS, source_of(args.fps, "fps"))
     guidance = pick(args.guidance_scale, "guidance_scale")
     if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not 0 <= guidance <= MAX_GUIDANCE:
         raise ValueError(
             f"--cfg (guidance scale) must be a number from 0 to {MAX_GUIDANCE:g} (1 or less: no guidance; "
-            f"5 to 8 is usual); got {guidance!r}{source(args.guidance_scale, 'guidance_scale')}."
+            f"5 to 8 is usual); got {guidance!r}{source_of(args.guidance_scale, 'guidance_scale')}."
         )
     seed = pick(args.seed, "seed")
-    check_seed(seed, "--seed" + source(args.seed, "seed"))
-    sampler = args.sampler or defaults["sampler"]
-    build_sampler(sampler, None).set_timesteps(steps)  # the sampler's own limits (PNDM needs 4 steps)
+    check_seed(seed, "--seed" + source_of(args.seed, "seed"))
     height, width = _parse_size(args.size) if args.size else (defaults["height"], defaults["width"])
-    return dict(frames=frames, height=height, width=width, fps=fps, memory=memory,
-                options=dict(steps=steps, guidance_scale=float(guidance), sampler=sampler, seed=seed))
+    family = source.family
+    sampler = check_sampler_for_family(args.sampler or defaults["sampler"], family)
+    scheduler = _scheduler_config(model_path, sampler, args.shift)
+    build_sampler(sampler, scheduler).set_timesteps(steps)  # the sampler's own limits (PNDM needs 4 steps)
+    options = dict(steps=steps, guidance_scale=float(guidance), sampler=sampler, seed=seed)
+    if scheduler is not None:
+        options["scheduler_config"] = scheduler
+    config = None
+    if family in MMDIT_FAMILIES:
+        config = _mmdit_config(source)
+        _check_video_shape(frames, height, width, config)
+    if args.teacache is not None or args.teacache_coefficients is not None:
+        options["teacache"] = _teacache_option(args, config or source)
+    strength = args.strength if args.strength is not None else (DEFAULT_STRENGTH if args.input_video else 1.0)
+    from .sampling import check_strength, first_step_for_strength
+
+    try:
+        first_step_for_strength(steps, check_strength(strength))
+    except Exception as err:
+        raise ValueError(f"--strength: {err}") from None
+    if strength < 1 and not args.input_video:
+        raise ValueError("--strength below 1 redraws an input video: give one with --input-video.")
+    if args.input_video:
+        options["strength"] = strength
+    if args.end_image and not args.start_image:
+        raise ValueError("--end-image needs --start-image too (the model is conditioned on both).")
+    if args.camera_stride != 1 and not args.camera_poses:
+        raise ValueError("--camera-stride applies to --camera-poses; give a pose file.")
+    return dict(frames=frames, height=height, width=width, fps=fps, memory=memory, options=options)
+
+
+def _scheduler_config(model_path: Path, sampler: str, shift):
+    """What the sampler is built from: the folder's scheduler/ (None without one: the V1–V3 YAML defaults), or
+    with --shift its config with that shift (Flow only; `sampling.with_flow_shift` checks the value)."""
+    from .errors import EasyAnimateError
+    from .sampling import FLOW_SAMPLER_NAMES, with_flow_shift
+
+    folder = Path(model_path) / "scheduler"
+    scheduler = folder if (folder / "scheduler_config.json").is_file() else None
+    if shift is None:
+        return scheduler
+    if sampler not in FLOW_SAMPLER_NAMES:
+        raise ValueError(f"--shift shapes the Flow sampler's schedule (V5.1); sampler {sampler!r} has none.")
+    if scheduler is None:
+        raise ValueError(f"--shift changes the model's scheduler config, and '{model_path}' has no "
+                         "scheduler/scheduler_config.json.")
+    try:
+        return with_flow_shift(scheduler, shift)
+    except EasyAnimateError as err:
+        raise ValueError(f"--shift: {err}") from None
+
+
+def _mmdit_config(source):
+    """The V5/V5.1 transformer config a release folder's config.json describes (missing keys: the released)."""
+    from .models.mmdit import MMDiTConfig
+
+    return MMDiTConfig.from_dict(source.config or {}, source.family)
+
+
+def _check_video_shape(frames: int, height: int, width: int, config) -> None:
+    """V5/V5.1 frame counts (1 + 4k) and sizes (multiples of 16), refused with the nearest valid values before
+    loading; the loaded models check them again."""
+    from .frames import SPATIAL_FACTOR, frame_rule
+    from .pipeline import check_pixel_size
+
+    frame_rule(config.family).check_frames(frames)
+    check_pixel_size(height, width, SPATIAL_FACTOR * config.patch_size, config.name)
+
+
+def _teacache_option(args, config):
+    """--teacache and --teacache-coefficients -> the TeaCache settings of this model (refused for a model
+    TeaCache does not apply to, and for V5 without coefficients)."""
+    from .teacache import COEFFICIENTS, TeaCache, resolve
+
+    if args.teacache is None:
+        raise ValueError("--teacache-coefficients needs --teacache THRESH (the threshold; 0.08 is the reference's).")
+    coefficients = None
+    if args.teacache_coefficients is not None:
+        text = args.teacache_coefficients.strip()
+        if text.lower() in COEFFICIENTS:
+            coefficients = COEFFICIENTS[text.lower()]
+        else:
+            try:
+                coefficients = [float(v) for v in text.split(",")]
+            except ValueError:
+                raise ValueError(
+                    f"--teacache-coefficients {text!r}: give {', '.join(COEFFICIENTS)} or comma-separated numbers "
+                    "(highest degree first)."
+                ) from None
+    return resolve(TeaCache(args.teacache, coefficients), config)
+
+
+def _unknown_prompt_words(encoder, prompts) -> tuple:
+    """The prompt words the text encoder cannot spell (V5's encoders answer per vocabulary: flattened)."""
+    ask = getattr(encoder, "unknown_words", None)
+    if ask is None:  # Qwen2-VL's byte-level vocabulary spells every word
+        return ()
+    words = []
+    for item in ask(prompts):
+        for word in (item if isinstance(item, tuple) else (item,)):
+            if word not in words:
+                words.append(word)
+    return tuple(words)
+
+
+def _read_generate_inputs(args, frames: int, height: int, width: int, fps: int) -> dict:
+    """The image, video and pose files of a generate run, read and checked before any model is loaded."""
+    from .images import read_video
+
+    inputs = {}
+    if args.start_image:
+        inputs["start_images"] = _read_image(args.start_image, (height, width))
+    if args.end_image:
+        inputs["end_images"] = _read_image(args.end_image, (height, width))
+    if args.input_video:
+        inputs["video"] = read_video(args.input_video, frames=frames, fps=fps, size=(height, width))
+    if args.control_video:
+        inputs["control_video"] = read_video(args.control_video, frames=frames, fps=fps, size=(height, width))
+    if args.reference_image:
+        inputs["reference_image"] = _read_image(args.reference_image, (height, width))
+    if args.camera_poses:
+        from .camera import plucker_rays
+
+        inputs["control_camera"] = plucker_rays(args.camera_poses, height, width, frames=frames,
+                                                stride=args.camera_stride)
+    return inputs
 
 
 def cmd_generate(args) -> int:
     import torch
 
+    from .loading import detect_family
     from .lora import read_lora
     from .pipeline import load_model, make_video
+    from .teacache import record_runs
     from .train.common import Progress
 
     # Everything that needs no model is checked before anything is loaded or sampled: the options, the
-    # output path (a video is never generated only to fail at writing), the start image and the LoRA files.
+    # output path (a video is never generated only to fail at writing), the image, video and pose files
+    # and the LoRA files.
     model_path = Path(args.model) if args.model else demo_model_path()
-    defaults = generation_defaults(model_path)
-    checked = _check_generate_options(args, model_path, defaults)
+    source = detect_family(model_path)
+    defaults = generation_defaults(model_path, source.family)
+    checked = _check_generate_options(args, model_path, defaults, source)
     frames, height, width, fps, options, memory = (
         checked[k] for k in ("frames", "height", "width", "fps", "options", "memory"))
     negative = defaults["negative_prompt"] if args.negative_prompt is None else args.negative_prompt
     out = check_output(args.out)
-    start_images = _read_image(args.start_image, (height, width)) if args.start_image else None
+    options.update(_read_generate_inputs(args, frames, height, width, fps))
     loras = []
     for item in args.lora:
         name, strength = parse_lora_arg(item)
@@ -392,13 +603,11 @@ def cmd_generate(args) -> int:
     model = load_model(model_path, dtype=args.dtype, device=load_device)
     host.prepare(host.wrap(model.transformer, "transformer"))
     host.place_all(model.modules().values())
-    unknown = model.text_encoder.unknown_words([args.prompt, negative]) if model.text_encoder is not None else ()
+    unknown = _unknown_prompt_words(model.text_encoder, [args.prompt, negative]) if model.text_encoder else ()
     if unknown:
         from .text import describe_unknown_words
 
         print(f"note: {describe_unknown_words(unknown)}")
-    if start_images is not None:
-        options["start_images"] = start_images
     stack = []
     if loras:
         from .lora import resolve_lora
@@ -406,18 +615,28 @@ def cmd_generate(args) -> int:
         for weights, strength in loras:
             stack.append((resolve_lora(weights, model.transformer, model.text_encoder.model if model.text_encoder else None),
                           strength))
-    progress = Progress(options["steps"], "sampling", enabled=not args.quiet)
+    steps_run = options["steps"] - _first_step(options)
+    progress = Progress(steps_run, "sampling", enabled=not args.quiet)
     options["callback"] = lambda done, total, latents: progress.update(1)
-    video = make_video(model, args.prompt, negative, frames=frames, height=height, width=width, host=host,
-                       loras=stack, **options)
+    with record_runs() as teacache_runs:
+        video = make_video(model, args.prompt, negative, frames=frames, height=height, width=width, host=host,
+                           loras=stack, **options)
     progress.close()
     frames_uint8 = (video[0].permute(1, 2, 3, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
     written = write_video(frames_uint8, out, fps)
     seconds = time.time() - started
     mode = "" if args.memory_mode == "none" else f", memory mode {args.memory_mode}"
+    cache = "".join(f", TeaCache {run.threshold:g}: {run.computed_calls} of {len(run.decisions)} transformer calls "
+                    f"computed" for run in teacache_runs)
     print(f"wrote {written}: {frames_uint8.shape[0]} frames, {width}x{height}, {fps} fps, {seconds:.1f} s, "
-          f"peak memory {_peak_memory_mb(args.device):.0f} MB{mode}")
+          f"peak memory {_peak_memory_mb(args.device):.0f} MB{mode}{cache}")
     return 0
+
+
+def _first_step(options: dict) -> int:
+    from .sampling import first_step_for_strength
+
+    return first_step_for_strength(options["steps"], options.get("strength", 1.0))
 
 
 def _parse_size(text: str) -> tuple[int, int]:
@@ -876,7 +1095,8 @@ def _save_every(args) -> dict:
 def cmd_train_vae(args) -> int:
     from .train.vae import VAETrainConfig, train_vae
 
-    train_vae(VAETrainConfig(data=args.data, out=args.out, steps=args.steps, lr=args.lr, kl_weight=args.kl_weight,
+    train_vae(VAETrainConfig(data=args.data, out=args.out, family=args.family, frames=args.frames, steps=args.steps,
+                             lr=args.lr, kl_weight=args.kl_weight,
                              object_weight=args.object_weight, temporal_weight=args.temporal_weight,
                              preview_weight=args.preview_weight,
                              init_from=args.init_from, decoder_only=args.decoder_only, seed=args.seed,
@@ -892,15 +1112,19 @@ def cmd_train_text(args) -> int:
         from .train.synthetic import all_captions
 
         captions = all_captions()
-    train_text(args.data, args.out, seed=args.seed, vocab_size=args.vocab_size, captions=captions)
+    train_text(args.data, args.out, seed=args.seed, vocab_size=args.vocab_size, captions=captions, family=args.family)
     return 0
 
 
 def cmd_train_dit(args) -> int:
+    if args.family == "v51":
+        return _train_dit_v51(args)
+    if args.sigma_shift != 1.0 or args.end_frame_prob != 0.25:
+        raise ValueError("--sigma-shift and --end-frame-prob are options of --family v51 (flow matching)")
     from .train.dit import DiTTrainConfig, train_dit
 
     folder = train_dit(DiTTrainConfig(data=args.data, vae=args.vae, text=args.text, out=args.out, steps=args.steps,
-                                      lr=args.lr, warmup=args.warmup, init_from=args.init_from,
+                                      frames=args.frames or 16, lr=args.lr, warmup=args.warmup, init_from=args.init_from,
                                       video_batch=args.video_batch, image_batch=args.image_batch,
                                       high_noise_fraction=args.high_noise_fraction,
                                       high_noise_from_step=args.high_noise_from_step,
@@ -913,11 +1137,29 @@ def cmd_train_dit(args) -> int:
     return 0
 
 
+def _train_dit_v51(args) -> int:
+    if args.high_noise_fraction or args.high_noise_from_step or args.mse_weight_cap:
+        raise ValueError("--high-noise-fraction, --high-noise-from-step and --mse-weight-cap are options of the V3 "
+                         "(DDPM) objective; for --family v51 use --sigma-shift")
+    from .train.dit_v51 import FlowDiTTrainConfig, train_dit_v51
+
+    folder = train_dit_v51(FlowDiTTrainConfig(
+        data=args.data, vae=args.vae, text=args.text, out=args.out, frames=args.frames or 17, steps=args.steps,
+        lr=args.lr, warmup=args.warmup, init_from=args.init_from, video_batch=args.video_batch,
+        image_batch=args.image_batch, first_frame_prob=args.first_frame_prob, end_frame_prob=args.end_frame_prob,
+        sigma_shift=args.sigma_shift, seed=args.seed, threads=args.threads, stop_at=args.stop_at,
+        **_save_every(args)))
+    if folder is not None:
+        print(f"release folder: {folder}")
+    return 0
+
+
 def cmd_train_lora(args) -> int:
     from .train.lora import LoRATrainConfig, train_lora
 
     train_lora(LoRATrainConfig(model=args.model, data=args.data, out=args.out, steps=args.steps, rank=args.rank,
-                               alpha=args.alpha, lr=args.lr, mse_weight_cap=args.mse_weight_cap, seed=args.seed,
+                               alpha=args.alpha, lr=args.lr, mse_weight_cap=args.mse_weight_cap,
+                               sigma_shift=args.sigma_shift, frames=args.frames, seed=args.seed,
                                threads=args.threads, name=args.name,
                                stop_at=args.stop_at, **_save_every(args)))
     return 0

@@ -81,6 +81,11 @@ class FrameRule:
     streaming: bool = False  # V5: frame 0 alone, then chunks carried on by the causal cache (1 + 4k frames)
 
     @property
+    def models(self) -> str:
+        """The model versions this rule is for, as messages name them ("V3"; the V5 VAE serves V5 and V5.1)."""
+        return "V5/V5.1" if self.family == "v5" else self.family.upper()
+
+    @property
     def temporal_factor(self) -> int:
         return 2**self.temporal_stages
 
@@ -111,7 +116,7 @@ class FrameRule:
         count = self.round_frames(frames)
         if count.changed and self.streaming:
             raise FrameCountError(
-                f"EasyAnimate {self.family.upper()} cannot make {frames} frames: {self.describe_valid()} "
+                f"EasyAnimate {self.models} cannot make {frames} frames: {self.describe_valid()} "
                 f"(the nearest valid counts are {count.frames} and {count.frames + self.temporal_factor})."
             )
         if count.changed:

@@ -1,8 +1,9 @@
-"""Reading start images safely: the pixel count is checked before decoding, and large images are
-shrunk while still 8-bit, so a small file claiming a huge size (a decompression bomb) cannot take
-the machine's memory.
+"""Reading start images and input videos safely: the pixel count is checked before decoding, and large
+images are shrunk while still 8-bit, so a small file claiming a huge size (a decompression bomb) cannot
+take the machine's memory.
 
     image = read_image("cat.png", size=(384, 672))    # (1, 3, 384, 672) float32 in [0, 1]
+    video = read_video("in.mp4", frames=49, fps=8, size=(384, 672))   # (1, 3, 49, 384, 672)
     check_image_pixels(width, height)                 # for hosts that decode images themselves
 """
 from __future__ import annotations
@@ -75,3 +76,58 @@ def read_image(path, *, size: tuple[int, int] | None = None, max_pixels: int | N
         raise EasyAnimateError(f"The {what} cannot be decoded: it is damaged or truncated ({err}).") from None
     image = pixels.permute(2, 0, 1)[None].to(torch.float32).div_(255)
     return check_finite(image, what)
+
+
+def read_video(path, *, frames: int | None = None, fps: float | None = None, size: tuple[int, int] | None = None,
+               max_pixels: int | None = None) -> torch.Tensor:
+    """A video file (decoded with PyAV) -> (1, 3, F, H, W) float32 in [0, 1]: its first `frames` frames (None:
+    all), sampled as the reference's video-to-video script samples them: every ⌊source fps / `fps`⌋-th frame
+    (at least every frame; `fps` None: every frame). With `size=(height, width)` each 8-bit frame is resized
+    with Pillow's bicubic filter, as `read_image` (and the stages) resize images; else the file's own size.
+
+    The frame size is checked against `max_pixels` (as `read_image`) before decoding; a file with too few
+    frames, or that is not a video, is refused naming the file.
+    """
+    import numpy as np
+    from PIL import Image
+
+    path = Path(path)
+    what = f"video '{path}'"
+    if not path.is_file():
+        raise EasyAnimateError(f"The {what} {'is not a regular file' if path.exists() else 'does not exist'}.")
+    if frames is not None and (isinstance(frames, bool) or not isinstance(frames, int) or frames < 1):
+        raise EasyAnimateError(f"frames must be a whole number ≥ 1; got {frames!r}.")
+    try:
+        import av
+    except ImportError:
+        raise EasyAnimateError(f"Reading the {what} needs PyAV (pip install av).") from None
+    kept = []
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise EasyAnimateError(f"The {what} has no video stream.")
+            stream = container.streams.video[0]
+            check_image_pixels(stream.codec_context.width or 1, stream.codec_context.height or 1, max_pixels, what)
+            rate = float(stream.average_rate) if stream.average_rate else None
+            step = max(1, int(rate // fps)) if fps and rate else 1
+            for index, frame in enumerate(container.decode(stream)):
+                if index % step:
+                    continue
+                check_image_pixels(frame.width, frame.height, max_pixels, what)
+                image = frame.to_image()  # RGB
+                if size is not None and (image.height, image.width) != tuple(size):
+                    image = image.resize((int(size[1]), int(size[0])), Image.Resampling.BICUBIC)
+                kept.append(np.asarray(image, dtype=np.uint8))
+                if frames is not None and len(kept) == frames:
+                    break
+    except EasyAnimateError:
+        raise
+    except (av.error.FFmpegError, OSError, ValueError) as err:
+        raise EasyAnimateError(f"The {what} cannot be decoded ({err}); is it a video file?") from None
+    if not kept or (frames is not None and len(kept) < frames):
+        every = f" taking one frame in {step}" if step > 1 else ""
+        raise EasyAnimateError(
+            f"The {what} gives {len(kept)} frames{every}; {frames} are needed. Use a longer video or fewer frames."
+        )
+    pixels = torch.from_numpy(np.stack(kept))  # (F, H, W, 3) uint8
+    return pixels.permute(3, 0, 1, 2)[None].float().div_(255)

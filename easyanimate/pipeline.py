@@ -24,6 +24,7 @@ RNG (pass a CPU generator seeded as the reference seeded its global RNG to repro
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -151,14 +152,36 @@ def conditioning_video(
 def check_size(transformer, height: int, width: int) -> None:
     """Pixel sizes: multiples of the VAE's factor times the patch (8 x 2 = 16); V1's 2x2 motion cells need
     multiples of 32."""
-    unit = SPATIAL_FACTOR * transformer.config.patch_size
-    if any(s.get("block_size", 1) > 1 for s in transformer.config.motion_modules):
-        unit *= max(s.get("block_size", 1) for s in transformer.config.motion_modules)
-    if height % unit or width % unit or height <= 0 or width <= 0:
-        raise EasyAnimateError(
-            f"Height and width must be positive multiples of {unit} pixels for this model (got {height}x{width}); "
-            f"for example {max(unit, height // unit * unit)}x{max(unit, width // unit * unit)}."
-        )
+    patch = transformer.config.patch_size
+    unit, why = SPATIAL_FACTOR * patch, f"the VAE's {SPATIAL_FACTOR}x downsampling times {patch}x{patch} patches"
+    motion = getattr(transformer.config, "motion_modules", ())
+    if any(s.get("block_size", 1) > 1 for s in motion):
+        cells = max(s.get("block_size", 1) for s in motion)
+        unit, why = unit * cells, why + f" times {cells}x{cells} motion cells"
+    check_pixel_size(height, width, unit, getattr(transformer.config, "name", "this model"), why)
+
+
+def nearest_multiples(value: int, unit: int) -> tuple[int, ...]:
+    """The multiples of `unit` nearest to `value`, at least `unit`: (value,) when it is one, else the one
+    below (if any) and the one above."""
+    below, above = value // unit * unit, -(-value // unit) * unit
+    return tuple(v for v in dict.fromkeys((below, above)) if v >= unit) or (unit,)
+
+
+def check_pixel_size(height, width, unit: int, model: str = "this model",
+                     why: str = f"the VAE's {SPATIAL_FACTOR}x downsampling times 2x2 patches") -> None:
+    """Refuse a height or width that is not a positive multiple of `unit` pixels (`why`), naming the nearest
+    valid sizes."""
+    whole = [isinstance(s, numbers.Integral) and not isinstance(s, bool) and s > 0 for s in (height, width)]
+    if all(whole) and height % unit == 0 and width % unit == 0:
+        return
+    if not all(whole):
+        raise EasyAnimateError(f"Height and width must be positive whole numbers of pixels; got {height!r}x{width!r}.")
+    options = [f"{h}x{w}" for h in nearest_multiples(height, unit) for w in nearest_multiples(width, unit)]
+    raise EasyAnimateError(
+        f"Height and width must be positive multiples of {unit} pixels for {model} ({why}); got {height}x{width}. "
+        f"The nearest valid sizes: {', '.join(options)}."
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -185,6 +208,7 @@ class VideoRequest:
     control_video: Optional[torch.Tensor] = None  # V5/V5.1 Control models
     reference_image: Optional[torch.Tensor] = None  # V5.1 Control / Control-Camera models
     control_camera: Optional[torch.Tensor] = None  # V5.1 Control-Camera: Plücker rays (1, 6, F, H, W)
+    teacache: Optional[object] = None  # V5/V5.1: `teacache.TeaCache` settings with the model's coefficients
 
     @property
     def guided(self) -> bool:
@@ -227,6 +251,7 @@ class Denoising:
     generator: torch.Generator
     latent_channels: int
     memory_required: int  # activation estimate of one transformer call on the model batch
+    teacache: Optional[object] = None  # V5/V5.1: `teacache.TeaCache` settings, or None
 
 
 def check_guidance_text(request: VideoRequest, positive: Conditioning, negative: Optional[Conditioning]) -> None:
@@ -293,8 +318,12 @@ class DiTStages:
     # ------------------------------------------------------------------ checks
     def request(self, *, frames, height, width, steps=25, guidance_scale=7.0, sampler="Euler", scheduler_config=None,
                 strength=1.0, start_images=None, end_images=None, video=None, clip_apply_ratio=0.5,
-                round_frames=False, control_video=None, reference_image=None, control_camera=None) -> VideoRequest:
+                round_frames=False, control_video=None, reference_image=None, control_camera=None,
+                teacache=None) -> VideoRequest:
         """Check every input against the models before any of them runs."""
+        from .teacache import resolve
+
+        resolve(teacache, self.transformer.config)  # refuses it: TeaCache is for the V5/V5.1 transformers
         if any(t is not None for t in (control_video, reference_image, control_camera)):
             raise EasyAnimateError(
                 "Control videos, reference images and camera control need an EasyAnimate V5/V5.1 Control model; "
@@ -518,6 +547,7 @@ def generate(
     control_video: Optional[torch.Tensor] = None,
     reference_image: Optional[torch.Tensor] = None,
     control_camera: Optional[torch.Tensor] = None,
+    teacache=None,
 ) -> torch.Tensor:
     """Sample latents (B, C, F_latent, H/8, W/8), scaled as the VAE's `decode_video` expects (stages 2 and 3).
 
@@ -531,7 +561,11 @@ def generate(
     (raises `SamplingCancelled`); nothing in the models is changed by a run, stopped or not.
     `placement` (from a host's `placement(...)`) places each model for its stage; None: models where they are.
     V5/V5.1 Control models: `control_video` (1, 3, F, H, W) in [0, 1] and (V5.1) a `reference_image`
-    (1, 3, H, W); Control-Camera models: `control_camera`, Plücker rays (1, 6, F, H, W).
+    (1, 3, H, W); Control-Camera models: `control_camera`, Plücker rays (1, 6, F, H, W)
+    (`easyanimate.camera.plucker_rays` makes them from camera poses).
+    `teacache`: None (off, the default), a threshold such as 0.08 or 0.1, or a `teacache.TeaCache` with
+    explicit coefficients: transformer calls whose input barely changed reuse the last computed one's
+    residual (V5.1; V5 only with explicit coefficients; see easyanimate/teacache.py).
     """
     stages = stages_for(transformer, vae, image_encoder)
     chosen = {k: v for k, v in dict(steps=steps, guidance_scale=guidance_scale, sampler=sampler).items() if v is not None}
@@ -539,7 +573,7 @@ def generate(
                              strength=strength, start_images=start_images, end_images=end_images, video=video,
                              clip_apply_ratio=clip_apply_ratio, round_frames=round_frames,
                              control_video=control_video, reference_image=reference_image,
-                             control_camera=control_camera, **chosen)
+                             control_camera=control_camera, teacache=teacache, **chosen)
     seed = check_seed(0 if seed is None else seed)
     if generator is None:
         generator = torch.Generator().manual_seed(seed)
@@ -755,4 +789,4 @@ def make_video(
 
 _REQUEST_OPTIONS = ("steps", "guidance_scale", "sampler", "scheduler_config", "strength", "start_images",
                     "end_images", "video", "clip_apply_ratio", "round_frames", "control_video", "reference_image",
-                    "control_camera")
+                    "control_camera", "teacache")

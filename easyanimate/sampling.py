@@ -227,6 +227,29 @@ def resolved_sampler_config(name: str, scheduler_config: Union[None, str, Path, 
     return resolve_config(defaults, given)
 
 
+def with_flow_shift(scheduler_config: Union[str, Path, dict], shift) -> dict:
+    """A flow-matching (V5.1) scheduler config with its `shift` replaced, for `build_sampler("Flow", ...)`.
+
+    The release's own config says 1.0; a larger shift keeps σ higher for longer (the "Flow" sampler applies it
+    as the reference's scheduler does, see `samplers/flow.py`). Refused: a shift that is not a finite number
+    above 0, a DDPM config (V1–V3, V5), and a config with dynamic shifting, which maps σ with μ and ignores
+    `shift`."""
+    if isinstance(shift, bool) or not isinstance(shift, numbers.Real) or not math.isfinite(shift) or shift <= 0:
+        raise EasyAnimateError(f"The flow shift must be a finite number above 0 (the releases use 1.0); got {shift!r}.")
+    config = dict(scheduler_config) if isinstance(scheduler_config, dict) else load_scheduler_config(scheduler_config)
+    if scheduler_config_family(config) != "flow":
+        raise EasyAnimateError(
+            f"A shift applies to flow-matching scheduler configs (EasyAnimate V5.1); this one is "
+            f"{config.get('_class_name', 'not a flow-matching config')}. Leave the shift unset."
+        )
+    if config.get("use_dynamic_shifting"):
+        raise EasyAnimateError(
+            "This scheduler config uses dynamic shifting (σ mapped with μ = 1, as the pipelines pass it), which "
+            "ignores the shift. Leave the shift unset, or set use_dynamic_shifting false in scheduler_config.json."
+        )
+    return {**config, "shift": float(shift)}
+
+
 def build_sampler(name: str, scheduler_config: Union[None, str, Path, dict] = None) -> Sampler:
     """A sampler by its reference name ("Euler", "Euler A", "DPM++", "PNDM", "DDIM", "Flow").
 

@@ -24,14 +24,21 @@ import torch
 import torch.nn.functional as F
 
 from .errors import EasyAnimateError, check_finite
-from .frames import SPATIAL_FACTOR
 from .host import MemoryEstimate
 from .pipeline import (
-    Conditioning, Denoising, ModelInputs, ProgressFn, VideoRequest, _as_frames, check_guidance_text,
+    Conditioning, Denoising, ModelInputs, ProgressFn, VideoRequest, _as_frames, check_guidance_text, check_size,
     conditioning_video, inpaint_pixels, request_memory,
 )
 from .sampling import build_sampler, check_sampler_for_family, check_strength, denoise, first_step_for_strength, \
     scheduler_prediction, start_latents
+from .teacache import TeaCacheRun, resolve as resolve_teacache, running as teacache_running
+
+# The reference's generation settings for V5/V5.1 (its predict scripts and Gradio UI): 49 frames (1 + 4k) at
+# 384x672, played at 8 fps, 50 steps, guidance 6, seed 43. The Python API's and the command line's defaults.
+GENERATION_DEFAULTS = {"frames": 49, "height": 384, "width": 672, "fps": 8, "steps": 50, "guidance_scale": 6.0,
+                       "seed": 43}
+# The sampler when none is named: V5.1 is a flow model (the UI offers only "Flow"); V5 as the Gradio UI.
+DEFAULT_SAMPLER = {"v51": "Flow", "v5": "Euler"}
 
 # The pipelines' `noise_aug_strength`: the noise put on the known pixels of an inpainting model's input.
 NOISE_AUG_STRENGTH = 0.0563
@@ -66,23 +73,22 @@ class MMDiTStages:
         self.control_model = not self.inpaint_model and not self.camera_model and extra > 0
 
     # ------------------------------------------------------------------ checks
-    def request(self, *, frames, height, width, steps=50, guidance_scale=6.0, sampler=None, scheduler_config=None,
+    def request(self, *, frames, height, width, steps=GENERATION_DEFAULTS["steps"],
+                guidance_scale=GENERATION_DEFAULTS["guidance_scale"], sampler=None, scheduler_config=None,
                 strength=1.0, start_images=None, end_images=None, video=None, control_video=None,
-                reference_image=None, control_camera=None, clip_apply_ratio=None, round_frames=False) -> VideoRequest:
-        """Check every input against the models before any of them runs."""
+                reference_image=None, control_camera=None, clip_apply_ratio=None, round_frames=False,
+                teacache=None) -> VideoRequest:
+        """Check every input against the models before any of them runs: sizes are multiples of 16 (the VAE's
+        8x times the 2x2 patches) and frame counts 1 + 4k, each refused with the nearest valid values."""
         strength = check_strength(strength)
-        unit = SPATIAL_FACTOR * self.transformer.config.patch_size
-        if height % unit or width % unit or height <= 0 or width <= 0:
-            raise EasyAnimateError(
-                f"Height and width must be positive multiples of {unit} pixels for EasyAnimate V5/V5.1 (got "
-                f"{height}x{width}); for example {max(unit, height // unit * unit)}x{max(unit, width // unit * unit)}."
-            )
+        check_size(self.transformer, height, width)
         count = self.vae.rules.round_frames(frames) if round_frames else self.vae.rules.check_frames(frames)
+        cache = resolve_teacache(teacache, self.transformer.config)
         if not isinstance(guidance_scale, (int, float)) or not 0 <= guidance_scale < float("inf"):
             raise EasyAnimateError(
                 f"The guidance scale (cfg) must be a finite number ≥ 0 (1 or less: no guidance); got {guidance_scale!r}."
             )
-        sampler = sampler or ("Flow" if self.family == "v51" else "Euler")
+        sampler = sampler or DEFAULT_SAMPLER[self.family]
         prediction = scheduler_prediction(scheduler_config) if scheduler_config is not None else None
         check_sampler_for_family(sampler, self.family, prediction)
         name = self.transformer.config.name
@@ -105,7 +111,8 @@ class MMDiTStages:
                 _check_video(tensor, what, CONTROL_IMAGE_CHANNELS if tensor is control_video else CAMERA_CHANNELS)
         return VideoRequest(count.frames, count.latents, height, width, steps, float(guidance_scale), sampler,
                             scheduler_config, strength, start_images, end_images, video, 0.0,
-                            control_video=control_video, reference_image=reference_image, control_camera=control_camera)
+                            control_video=control_video, reference_image=reference_image, control_camera=control_camera,
+                            teacache=cache)
 
     def _check_text(self, request: VideoRequest, positive: Conditioning, negative: Optional[Conditioning]) -> None:
         cfg = self.transformer.config
@@ -208,7 +215,8 @@ class MMDiTStages:
                              control=every_row(control), t5=t5)
         tokens = text.shape[1] + (0 if t5 is None else t5.shape[1])
         memory = transformer.activation_bytes(rows, *shape[2:], tokens)
-        return Denoising(sampler, start, latents, inputs, request.guidance_scale, generator, vae.latent_channels, memory)
+        return Denoising(sampler, start, latents, inputs, request.guidance_scale, generator, vae.latent_channels, memory,
+                         teacache=request.teacache)
 
     def _inpaint_latents(self, cond, request, generator, noise_aug_strength, encode) -> torch.Tensor:
         """[mask 1 | masked video 16] of an inpainting model, for one video (batch 1)."""
@@ -258,7 +266,10 @@ class MMDiTStages:
                                    encoder_hidden_states_t5=inputs.t5, inpaint_latents=inputs.inpaint,
                                    control_latents=inputs.control)
 
-        with placement.stage("transformer", denoising.memory_required):
+        # TeaCache state for this run alone, sized by the calls it makes (one per step actually run).
+        calls = len(denoising.sampler.timesteps) - denoising.start_index
+        cache = None if denoising.teacache is None else TeaCacheRun(denoising.teacache, calls)
+        with placement.stage("transformer", denoising.memory_required), teacache_running(cache):
             return denoise(model_fn, denoising.latents, denoising.sampler, denoising.guidance_scale,
                            start_index=denoising.start_index, generator=denoising.generator,
                            latent_channels=denoising.latent_channels, callback=callback)

@@ -6,7 +6,7 @@ Node modules import `comfy`, `folder_paths` and the heavy parts of the model cor
 import logging
 
 from . import host
-from .conditioning import EasyAnimateT5Encode
+from .conditioning import EasyAnimateT5Encode, EasyAnimateV5TextEncode
 from .loaders import EasyAnimateLoRALoader, LoadEasyAnimate
 from .multi import MuLTILoader, MuLTITags, MuLTIVideoQA, MuLTIVideoTextScore
 from .native import NODES as NATIVE_NODES
@@ -16,6 +16,7 @@ from .video import EasyAnimateSliceVAEDecode, EasyAnimateVAEEncode
 NODE_CLASS_MAPPINGS = {
     "LoadEasyAnimate": LoadEasyAnimate,
     "EasyAnimateT5Encode": EasyAnimateT5Encode,
+    "EasyAnimateV5TextEncode": EasyAnimateV5TextEncode,
     "EasyAnimateSampler": EasyAnimateSampler,
     "EasyAnimateSliceVAEDecode": EasyAnimateSliceVAEDecode,
     "EasyAnimateVAEEncode": EasyAnimateVAEEncode,
@@ -30,6 +31,7 @@ NODE_CLASS_MAPPINGS = {
 NODE_DISPLAY_NAME_MAPPINGS = {
     "LoadEasyAnimate": "Load EasyAnimate",
     "EasyAnimateT5Encode": "T5 Encode (EasyAnimate)",
+    "EasyAnimateV5TextEncode": "Text Encode V5/V5.1 (EasyAnimate)",
     "EasyAnimateSampler": "EasyAnimate Sampler",
     "EasyAnimateSliceVAEDecode": "Slice VAE Decode (EasyAnimate)",
     "EasyAnimateVAEEncode": "VAE Encode (EasyAnimate)",

@@ -37,7 +37,7 @@ MODEL_FOLDER = "easyanimate"  # models/easyanimate: release folders and single f
 PACK_ROOT = Path(__file__).resolve().parent.parent
 
 _COMFY_MODULES = ("comfy.model_management", "comfy.model_patcher", "comfy.ops", "comfy.utils", "comfy.lora",
-                  "folder_paths")
+                  "comfy.patcher_extension", "folder_paths")
 
 
 def inside_comfyui() -> bool:
@@ -86,6 +86,7 @@ class ComfyHost:
         self._ops = loaded["comfy.ops"]
         self._utils = loaded["comfy.utils"]
         self._lora = loaded["comfy.lora"]
+        self._callbacks = loaded["comfy.patcher_extension"]
         self._folders = loaded["folder_paths"]
         self._registered: set[str] = set()
         self._install_native_route()
@@ -148,8 +149,12 @@ class ComfyHost:
                 module.attention_function = native.comfy_attention  # ComfyUI's attention backends
                 patcher = self._patcher_module.ModelPatcher(model, load_device=load, offload_device=offload)
                 return Component(module, kind, patcher=patcher, key_prefix="diffusion_model.")
+        if kind == "text_encoder":
+            _use_casting_layers(module, self._ops.manual_cast)
         held = module if _device_is_settable(module) else _Holder(module)
         patcher = self._patcher_module.ModelPatcher(held, load_device=load, offload_device=offload)
+        if kind == "text_encoder":
+            patcher.add_callback_with_key(self._callbacks.CallbacksMP.ON_LOAD, "easyanimate", _place_uncast_tensors)
         return Component(module, kind, patcher=patcher, key_prefix="" if held is module else "model.")
 
     weights_tag = ""  # loaded weights are used as they are
@@ -186,6 +191,18 @@ class ComfyHost:
         self.mm.load_models_gpu([c.patcher for c in components], memory_required=int(memory_required),
                                 force_full_load=any(c.kind == "vae" for c in components))
         yield
+
+    def unload(self, component: Component) -> None:
+        """Take the component's patcher (or a LoRA clone of it) off the compute device now, instead of when
+        ComfyUI next needs the room: a text encoder is done once the prompts are encoded, and left loaded it
+        would make ComfyUI partially load the transformer that runs next. The weights stay in RAM on the
+        patcher's offload device, as an unloaded ComfyUI model's do."""
+        loaded = self.mm.current_loaded_models
+        for index in reversed(range(len(loaded))):
+            patcher = loaded[index].model
+            if patcher is not None and patcher.is_clone(component.patcher) and loaded[index].model_unload():
+                loaded.pop(index)
+        self.mm.soft_empty_cache()
 
     # ------------------------------------------------------------------ progress
     def progress(self, total: int) -> "ComfyProgress":
@@ -234,6 +251,9 @@ class ComfyHost:
     def resolve_folder(self, kind: str, name: str) -> Path:
         return resolve_in_roots(self.model_roots(kind), kind, name, want="folder")
 
+    def resolve_input_file(self, name: str) -> Path:
+        return resolve_in_roots([Path(self._folders.get_input_directory())], "input", name, want="file")
+
 
 class ComfyProgress:
     """ComfyUI's progress bar (with a preview image), checking for Cancel at every update."""
@@ -249,6 +269,36 @@ class ComfyProgress:
 def _device_is_settable(module: torch.nn.Module) -> bool:
     """ModelPatcher records the placement in `module.device`; transformers' models make that a read-only property."""
     return not isinstance(getattr(type(module), "device", None), property)
+
+
+def _use_casting_layers(module: torch.nn.Module, ops) -> None:
+    """Give a model built from plain torch layers (the text encoders: transformers' classes) ComfyUI's casting
+    layer classes, which the pack's own models are built from (`operations()`): then, when the model does not fit
+    (lowvram), ComfyUI leaves those layers' weights in RAM and casts them per call, where it would otherwise leave
+    plain layers behind on the CPU and the forward would fail. The same parameters and, while loaded, the same
+    forward; only exact `Linear` / `Embedding` instances are switched (fp8 layers keep their own class)."""
+    classes = {torch.nn.Linear: ops.Linear, torch.nn.Embedding: ops.Embedding}
+    for layer in module.modules():
+        cast_class = classes.get(type(layer))
+        if cast_class is not None:
+            layer.__class__ = cast_class
+            if cast_class is ops.Embedding:
+                layer.bias = None  # ComfyUI's Embedding casts a (missing) bias with the weight
+
+
+def _place_uncast_tensors(patcher, device_to, lowvram_model_memory, force_patch_weights, full_load) -> None:
+    """After a partial (lowvram) load: the tensors ComfyUI neither loaded nor casts per call (norm weights of
+    plain modules, rotary-embedding buffers of a text encoder) go to the load device too, as other custom models'
+    position tables do; they are small. A full load has moved everything already."""
+    if not getattr(patcher.model, "model_lowvram", False) or device_to is None:
+        return
+    for module in patcher.model.modules():
+        if hasattr(module, "comfy_cast_weights"):
+            continue
+        for param in module.parameters(recurse=False):
+            param.data = param.data.to(device_to)
+        for name, buffer in module.named_buffers(recurse=False):
+            setattr(module, name, buffer.to(device_to))
 
 
 class _Holder(torch.nn.Module):
@@ -317,6 +367,18 @@ def list_files(kind: str) -> list[str]:
 
 def resolve_file(kind: str, name: str) -> Path:
     return current_host().resolve_file(kind, name)
+
+
+def resolve_input_file(name: str) -> Path:
+    """A data file a workflow names (a camera pose file): inside ComfyUI a name inside ComfyUI's input folder
+    (never outside it, as model names never leave the model folders); standalone (scripts, tests) a path."""
+    runtime = current_host()
+    if runtime.name == "comfyui":
+        return runtime.resolve_input_file(name)
+    path = Path(name).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"The file '{name}' does not exist.")
+    return path
 
 
 def precision(choice: str) -> str:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 from . import host
-from .handles import MODEL, T5, VAE, LazyComponent, ModelHandle, T5Handle, VAEHandle
+from .handles import MODEL, T5, VAE, LazyComponent, ModelHandle, ReleasedAfterUse, T5Handle, VAEHandle
 
 log = logging.getLogger(__name__)
 
@@ -27,17 +27,19 @@ def _signature(path: Path) -> tuple:
 
 class LoadEasyAnimate:
     DESCRIPTION = (
-        "Loads an EasyAnimate V1/V2/V3 release folder from models/easyanimate (or the demo model shipped with the "
-        "pack): the transformer, the VAE and (on first use) the T5 text encoder. V1: pick the PixArt-alpha base "
-        "and its motion-module file."
+        "Loads an EasyAnimate release folder from models/easyanimate (or the demo model shipped with the pack): "
+        "the transformer, the VAE and (on first use) the text encoder. V1–V3: T5 (encode with T5 Encode); V5.1: "
+        "Qwen2-VL, V5: Bert + mT5 (encode with Text Encode V5/V5.1). V5/V5.1 folders load in the original and the "
+        "-diffusers layout. V1: pick the PixArt-alpha base and its motion-module file."
     )
     CATEGORY = CATEGORY
     RETURN_TYPES = (MODEL, VAE, T5)
     RETURN_NAMES = ("model", "vae", "t5")
     OUTPUT_TOOLTIPS = (
-        "The diffusion transformer with its motion modules.",
-        "The video VAE (slice VAE for V3).",
-        "The release's T5 text encoder, loaded when a prompt is first encoded.",
+        "The diffusion transformer (V1–V3: with its motion modules; V5/V5.1: the MMDiT).",
+        "The video VAE (V3: the slice VAE; V5/V5.1: the causal VAE with 16 latent channels).",
+        "The release's text encoder, loaded when a prompt is first encoded: T5 (V1–V3, for T5 Encode), Qwen2-VL "
+        "(V5.1) or Bert + mT5 (V5) (for Text Encode V5/V5.1, which frees it after encoding).",
     )
     FUNCTION = "load"
 
@@ -48,7 +50,8 @@ class LoadEasyAnimate:
         return {
             "required": {
                 "model": (models, {"tooltip": "A release folder in models/easyanimate (transformer/, vae/, text_encoder/, "
-                                              "tokenizer/, scheduler/), or the shipped demo model."}),
+                                              "tokenizer/, scheduler/; V5 also text_encoder_2/, tokenizer_2/), or the "
+                                              "shipped demo model."}),
                 "precision": (PRECISIONS, {"default": "auto", "tooltip": "Weight dtype. auto: what ComfyUI picks for "
                                            "this GPU (bf16 where supported). fp16 VAEs compute in fp32 to avoid black frames."}),
             },
@@ -72,7 +75,7 @@ class LoadEasyAnimate:
     def load(self, model, precision, motion_module=NONE, personalized=NONE):
         from ..easyanimate.image_encoder import load_image_encoder
         from ..easyanimate.loading import load_transformer
-        from ..easyanimate.text import load_text_encoder
+        from ..easyanimate.pipeline import check_pair
         from ..easyanimate.vae import load_vae
 
         runtime = host.current_host()
@@ -88,6 +91,7 @@ class LoadEasyAnimate:
         ops = runtime.operations()
         transformer = load_transformer(root, dtype=dtype, motion_module=mm, personalized=pers, operations=ops)
         vae = load_vae(root, dtype=dtype, operations=ops)
+        check_pair(transformer, vae)  # a folder with another release's vae/ is refused now, not at sampling
         release = root if (root / "transformer").is_dir() else root.parent
         scheduler = release / "scheduler" if (release / "scheduler" / "scheduler_config.json").is_file() else None
         clip_dir = release / "image_encoder"
@@ -95,15 +99,36 @@ class LoadEasyAnimate:
         if transformer.config.has_clip_projection and clip_dir.is_dir():
             image_encoder = LazyComponent(lambda: load_image_encoder(clip_dir, dtype=dtype), "image_encoder")
         vae_handle = VAEHandle(vae, runtime.wrap(vae.model, "vae"))
-        t5_handle = None
-        if (release / "text_encoder").is_dir():
-            t5_handle = T5Handle(LazyComponent(lambda: load_text_encoder(release, dtype=dtype), "text_encoder"))
+        t5_handle = text_encoder_handle(release, transformer.config.family, dtype)
         model_handle = ModelHandle(model, transformer.config.family,
                                    runtime.prepare(runtime.wrap(transformer, "transformer")), scheduler,
                                    image_encoder, companions=(vae_handle, t5_handle))
         _LOADED[key] = model_handle
         log.info("EasyAnimate: loaded %s (%s, %s); VAE %s", model, transformer.config.family, dtype, vae)
         return (model_handle, vae_handle, t5_handle)
+
+
+def text_encoder_handle(release: Path, family: str, dtype: str):
+    """The release's text encoder, loaded on first use (None without a text_encoder/ folder): T5 for V1–V3;
+    Qwen2-VL (V5.1) or Bert + mT5 (V5), which give their memory back after each use."""
+    if not (release / "text_encoder").is_dir():
+        return None
+    if family not in ("v5", "v51"):
+        from ..easyanimate.text import load_text_encoder
+
+        return T5Handle(LazyComponent(lambda: load_text_encoder(release, dtype=dtype), "text_encoder"))
+    from ..easyanimate.errors import LayoutError
+    from ..easyanimate.pipeline import FAMILY_NAMES
+    from ..easyanimate.text_v5 import detect_text_encoder_v5, load_text_encoder_v5
+
+    found = detect_text_encoder_v5(release)  # the configs only: an incomplete folder is named now
+    if found != {"v5": "v5", "v51": "v5.1"}[family]:
+        raise LayoutError(
+            f"'{release.name}': the transformer is EasyAnimate {FAMILY_NAMES[family]} but text_encoder/ holds the "
+            f"EasyAnimate {found.upper()} text encoder. Use the text_encoder/ (and tokenizer/) of the same release."
+        )
+    source = ReleasedAfterUse(lambda: load_text_encoder_v5(release, dtype=dtype), "text_encoder")
+    return T5Handle(source, encoder="qwen2-vl" if family == "v51" else "bert+mt5")
 
 
 class EasyAnimateLoRALoader:

@@ -453,8 +453,10 @@ class EasyAnimateNativeModel:
         native = getattr(patcher, "model", None)
         if patcher is None or not hasattr(native, "easyanimate_lora_key_map"):
             if family_for(model.transformer.module) is None:
-                raise EasyAnimateError(f"EasyAnimate {model.family.upper()} is not on the native route yet; use the "
-                                       "EasyAnimate Sampler.")
+                from ..easyanimate.pipeline import FAMILY_NAMES
+
+                raise EasyAnimateError(f"EasyAnimate {FAMILY_NAMES[model.family]} is not on the native route yet; use "
+                                       "the EasyAnimate Sampler.")
             raise EasyAnimateError("The native MODEL needs ComfyUI (outside it, use the EasyAnimate Sampler).")
         clone = patcher.clone()
         prediction, sigmas = native.family.schedule(model.scheduler_config)

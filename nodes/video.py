@@ -39,8 +39,9 @@ def _tiling_inputs():
 
 class EasyAnimateSliceVAEDecode:
     DESCRIPTION = (
-        "Decodes EasyAnimate latents into frames slice by slice (V3: 2 latents -> 8 frames), writing each slice into "
-        "the output and freeing it before the next, so memory does not grow with the video length. Stops on Cancel."
+        "Decodes EasyAnimate latents into frames slice by slice (V3: 2 latents -> 8 frames; V5/V5.1: the causal VAE "
+        "streams one latent at a time, 1 + 4k frames from 1 + k latents), writing each slice into the output and "
+        "freeing it before the next, so memory does not grow with the video length. Stops on Cancel."
     )
     CATEGORY = "EasyAnimate"
     RETURN_TYPES = ("IMAGE",)
@@ -55,8 +56,9 @@ class EasyAnimateSliceVAEDecode:
                 "vae": (VAE, {"tooltip": "The model's VAE (from Load EasyAnimate)."}),
                 "samples": ("LATENT", {"tooltip": "Latents from the EasyAnimate Sampler."}),
                 **_tiling_inputs(),
-                "smooth": ("BOOLEAN", {"default": False, "tooltip": "The reference's seam-smoothing pass: re-encode and "
-                           "decode the middle frames and average (about 2x the time; needed for pixel parity with the reference)."}),
+                "smooth": ("BOOLEAN", {"default": False, "tooltip": "V1–V3: the reference's seam-smoothing pass: "
+                           "re-encode and decode the middle frames and average (about 2x the time; needed for pixel "
+                           "parity with the reference). The V5/V5.1 VAE has no seams and no such pass: leave it off."}),
                 "smooth_seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED,
                                         "tooltip": "Seed of the smoothing pass's sample (used only when smooth is on)."}),
             },
@@ -69,6 +71,9 @@ class EasyAnimateSliceVAEDecode:
         if latents.ndim != 5:
             raise EasyAnimateError(f"EasyAnimate latents are 5-D (batch, channels, frames, height, width); got "
                                    f"{tuple(latents.shape)}. Connect the EasyAnimate Sampler's output.")
+        if smooth and vae.vae.rules.streaming:
+            raise EasyAnimateError("The EasyAnimate V5/V5.1 VAE has no smoothing pass (its causal decode has no seams "
+                                   "between slices, and the V5 pipelines do not smooth): turn smooth off.")
         tiles = _tiling(tiling, tile_size, tile_overlap)
         generator = torch.Generator().manual_seed(check_seed(smooth_seed, "smooth_seed")) if smooth else None
         runtime = host.current_host()
@@ -86,7 +91,10 @@ class EasyAnimateSliceVAEDecode:
 
 
 class EasyAnimateVAEEncode:
-    DESCRIPTION = "Encodes frames into EasyAnimate latents (scaled as the sampler uses them), slice by slice."
+    DESCRIPTION = (
+        "Encodes frames into EasyAnimate latents (scaled as the sampler uses them), slice by slice. V5/V5.1: 1 + 4k "
+        "frames (1, 5, 9, ..., 49) give 1 + k latents with 16 channels."
+    )
     CATEGORY = "EasyAnimate"
     RETURN_TYPES = ("LATENT",)
     RETURN_NAMES = ("samples",)
@@ -97,10 +105,11 @@ class EasyAnimateVAEEncode:
         return {
             "required": {
                 "vae": (VAE, {"tooltip": "The model's VAE."}),
-                "frames": ("IMAGE", {"tooltip": "Frames to encode (a video is a batch of frames)."}),
+                "frames": ("IMAGE", {"tooltip": "Frames to encode (a video is a batch of frames; V5/V5.1: 1 + 4k "
+                                                "of them)."}),
                 **_tiling_inputs(),
-                "sample": ("BOOLEAN", {"default": False, "tooltip": "Draw a sample of the posterior (as the reference "
-                           "pipelines do) instead of taking its mean."}),
+                "sample": ("BOOLEAN", {"default": False, "tooltip": "Draw a sample of the posterior (as the V1–V3 "
+                           "reference pipelines do) instead of taking its mean (the mode, as the V5/V5.1 pipelines do)."}),
                 "sample_seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "tooltip": "Seed of that sample."}),
             },
         }

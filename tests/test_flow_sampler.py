@@ -29,6 +29,7 @@ from easyanimate.sampling import (
     samplers_for_family,
     scheduler_prediction,
     start_latents,
+    with_flow_shift,
 )
 
 SHAPE = (1, 4, 2, 4, 4)
@@ -295,6 +296,28 @@ def test_flow_folder_route(tmp_path):
     with pytest.raises(EasyAnimateError, match="Use 'Flow'"):
         build_sampler("DDIM", folder.parent)
     assert scheduler_prediction(folder.parent) == "flow"
+
+
+def test_a_shift_replaces_the_release_configs_own(tmp_path):
+    """`with_flow_shift` (the sampler node's and the command line's shift) gives the tables of a config written
+    with that shift: the double shift of test_shift_is_applied_twice_like_the_reference, from the folder route."""
+    import json
+
+    folder = tmp_path / "EasyAnimateV5.1-tiny" / "scheduler"
+    folder.mkdir(parents=True)
+    (folder / "scheduler_config.json").write_text(json.dumps(FLOW_CONFIG))
+    config = with_flow_shift(folder.parent, 3.0)
+    assert config == {**FLOW_CONFIG, "shift": 3.0} and json.loads((folder / "scheduler_config.json").read_text()) == FLOW_CONFIG
+    shifted, written = build_sampler("Flow", config), flow(10, shift=3.0)
+    shifted.set_timesteps(10)
+    assert torch.equal(shifted.sigmas, written.sigmas) and torch.equal(shifted.timesteps, written.timesteps)
+    for bad in (0, -1.0, float("nan"), float("inf"), True, "2"):
+        with pytest.raises(EasyAnimateError, match="shift must be a finite number above 0"):
+            with_flow_shift(FLOW_CONFIG, bad)
+    with pytest.raises(EasyAnimateError, match="flow-matching scheduler configs.*DPMSolverMultistepScheduler"):
+        with_flow_shift(V3_CONFIG, 3.0)
+    with pytest.raises(EasyAnimateError, match="dynamic shifting.*ignores the shift"):
+        with_flow_shift(dict(FLOW_CONFIG, use_dynamic_shifting=True), 3.0)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -62,6 +62,22 @@ def test_frame_counts_follow_the_v5_rule(v51_inp, frames, words):
         generate(model.transformer, model.vae, text, text, frames=frames, height=32, width=32, steps=1)
 
 
+@pytest.mark.parametrize("size,words", [((40, 32), "got 40x32. The nearest valid sizes: 32x32, 48x32"),
+                                        ((32, 8), "got 32x8. The nearest valid sizes: 32x16"),
+                                        ((384, 680), "384x672, 384x688")])
+def test_sizes_must_be_multiples_of_16_and_the_nearest_valid_ones_are_named(v51_inp, size, words):
+    """The VAE halves height and width three times and the transformer cuts 2x2 patches: multiples of 16; refused
+    before the VAE or the transformer runs."""
+    model = load_model(v51_inp, dtype="fp32", text_encoder=False)
+    calls = []
+    for module in (model.transformer, model.vae.model):
+        module.register_forward_pre_hook(lambda *a: calls.append(1))
+    text = Conditioning(torch.randn(1, 6, model.transformer.config.text_embed_dim), torch.ones(1, 6))
+    with pytest.raises(EasyAnimateError, match="multiples of 16 pixels for V5.1 .* InP .*" + words):
+        generate(model.transformer, model.vae, text, text, frames=5, height=size[0], width=size[1], steps=1)
+    assert calls == []
+
+
 def test_a_transformer_and_vae_of_different_families_are_refused_before_compute(tmp_path, v51_inp, v3):
     mixed = tmp_path / "mixed"
     shutil.copytree(v51_inp, mixed)

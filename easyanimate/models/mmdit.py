@@ -9,12 +9,20 @@
          blocks i >= mmdit_layers (the 7B models' second half): one set of attention/FF weights for both streams
       -> LayerNorm -> AdaLayerNorm (shift, scale) -> Linear -> channel-major unpatchify -> (B, out_channels, F, H, W)
 
+Within a TeaCache scope (`easyanimate/teacache.py`) a call may skip the blocks, norm_final and norm_out,
+adding instead what they added to the patch tokens in the last computed call.
+
 Module names are those of the released (original) checkpoints: the text stream of an MMDiT block lives in
 `attn2` and `txt_ff`. The `-diffusers` folders name the same layers `attn1.add_q_proj`, `attn1.to_add_out`,
 ... (`DIFFUSERS_TEXT_STREAM`); the loader renames their keys and `lora_aliases` lets LoRAs use either name.
 
-Memory: the RoPE tables are computed per call from the latent grid, never stored; projections, attention
-outputs and feed-forward activations are dropped as soon as they are used.
+Memory: the RoPE tables are computed per call from the latent grid, never stored. Outside autograd (the
+pipelines run under `torch.no_grad()`) a block holds little more than its video stream, the joint q, k and v
+and the attention output: the video tokens go through the norms, projections, RoPE, output projection and
+feed-forward in row chunks (`block_chunk_rows`), each chunk's q/k/v written straight into the joint
+(batch, heads, tokens, head_dim) buffers that `scaled_dot_product_attention` reads, the modulation and the
+residuals applied in place. Every operation is the same, in the same order, as in the plain path (used when
+autograd records), so the numbers are the same. `benchmarks/mmdit_forward.py` measures it.
 """
 from __future__ import annotations
 
@@ -28,7 +36,9 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from ..errors import EasyAnimateError
-from .attention import FeedForward, apply_layer_norm, make_layer_norm
+from ..memory import release_freed_memory
+from ..teacache import active_run as active_teacache
+from .attention import _FEED_FORWARD_BYTES, FeedForward, GELUProjection, apply_layer_norm, make_layer_norm
 from .embeddings import MLPEmbedder, timestep_sinusoid
 
 FAMILIES = ("v5", "v51")
@@ -41,6 +51,22 @@ VAE_SCALE = 8  # pixels per latent
 
 QK_NORM_EPS = 1e-6
 RMS_NORM_EPS = 1e-6
+
+# Outside autograd a block's peak is the attention: its input stream, the joint q, k, v and the attention
+# output (5 streams' worth). The steps around it run the video tokens in as few row chunks as keep them
+# below that (each chunk at least BLOCK_MIN_CHUNK_ROWS rows, so the matrix products stay large): the q/k/v
+# projections in 8 (a chunk's normalised rows, projection, QK norm and float32 RoPE temporaries come to
+# about a stream in bf16 while q, k and v fill), the feed-forward in 4 (its 4x-wide activation, GELU in
+# place). The output projection runs whole.
+QKV_CHUNKS = 8
+FEED_FORWARD_CHUNKS = 4
+BLOCK_MIN_CHUNK_ROWS = 1024
+
+
+def row_chunks(tokens: int, chunks: int) -> list[tuple[int, int]]:
+    """(start, stop) of `chunks` row chunks of `tokens` rows, each at least BLOCK_MIN_CHUNK_ROWS (fewer then)."""
+    rows = max(BLOCK_MIN_CHUNK_ROWS, -(-tokens // chunks))
+    return [(i, min(i + rows, tokens)) for i in range(0, tokens, rows)]
 
 # The text-stream layers of an MMDiT block: the diffusers layout's name (all on attn1) -> ours (attn2).
 DIFFUSERS_TEXT_STREAM = {
@@ -59,10 +85,20 @@ VARIANTS = {
 }
 
 
+# The released sizes by geometry: (blocks, MMDiT blocks) at width 3072.
+RELEASE_SIZES = {(48, 48): "12B", (36, 18): "7B"}
+RELEASE_WIDTH = 3072
+
+
+def release_size(num_layers: int, mmdit_layers: int, hidden_size: int) -> str | None:
+    """"12B" or "7B" for a released geometry, None for any other."""
+    return RELEASE_SIZES.get((num_layers, mmdit_layers)) if hidden_size == RELEASE_WIDTH else None
+
+
 def variant_name(family: str, num_layers: int, mmdit_layers: int, hidden_size: int, in_channels: int) -> str:
     """"V5.1 12B InP", "V5 7B T2V", ...: the release a geometry and channel count belong to (other sizes are
     described by their block counts and width)."""
-    size = {(48, 48): "12B", (36, 18): "7B"}.get((num_layers, mmdit_layers)) if hidden_size == 3072 else None
+    size = release_size(num_layers, mmdit_layers, hidden_size)
     size = size or f"{num_layers}-block ({mmdit_layers} MMDiT, width {hidden_size})"
     variant = VARIANTS[family].get(in_channels, f"{in_channels}-channel")
     return f"{FAMILY_NAMES[family]} {size} {variant}"
@@ -118,6 +154,11 @@ class MMDiTConfig:
     @property
     def has_clip_projection(self) -> bool:
         return False  # V5/V5.1 take no CLIP image tokens
+
+    @property
+    def release_size(self) -> str | None:
+        """"12B" or "7B" when the geometry is a released one, else None."""
+        return release_size(self.num_layers, self.mmdit_layers, self.hidden_size)
 
     @property
     def name(self) -> str:
@@ -236,6 +277,11 @@ def rope_tables(frames: int, grid_h: int, grid_w: int, head_dim: int, patch_size
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate each channel pair (2m, 2m+1) of x (B, N, heads, head_dim) by its angle, in float32; cast back."""
+    return _rotated(x, cos, sin).to(x.dtype)
+
+
+def _rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_pairs(x) * sin in float32 (a new tensor; x is not changed)."""
     full = x.float()
     pairs = full.unflatten(-1, (-1, 2))
     rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
@@ -243,7 +289,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     out = full * cos[:, None]
     del full
     out += rotated.mul_(sin[:, None])  # in place, but rounded as x*cos + rotated*sin: the same numbers
-    return out.to(x.dtype)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -297,10 +343,19 @@ class JointAdaNorm(nn.Module):
         self.norm = make_layer_norm(operations, dim, eps, True, dtype=dtype, device=device)
 
     def forward(self, video, text, temb):
-        shift, scale, gate, text_shift, text_scale, text_gate = self.linear(F.silu(temb))[:, None].chunk(6, dim=-1)
+        shift, scale, gate, text_shift, text_scale, text_gate = self.modulation(temb)
         video = apply_layer_norm(self.norm, video) * (1 + scale) + shift
         text = apply_layer_norm(self.norm, text) * (1 + text_scale) + text_shift
         return video, text, gate, text_gate
+
+    def modulation(self, temb):
+        """(shift, scale, gate) for the video, then for the text, each (B, 1, dim)."""
+        return self.linear(F.silu(temb))[:, None].chunk(6, dim=-1)
+
+    def modulate(self, x, shift, scale_plus_one):
+        """LayerNorm(x) * (1 + scale) + shift, the product and the sum in place on the norm's output (the same
+        operations, in the same order, as `forward`)."""
+        return apply_layer_norm(self.norm, x).mul_(scale_plus_one).add_(shift)
 
 
 class FinalAdaNorm(nn.Module):
@@ -336,6 +391,8 @@ class MMDiTBlock(nn.Module):
             self.txt_ff = FeedForward(dim, **kw)
 
     def forward(self, video, text, temb, rope):
+        if not torch.is_grad_enabled():
+            return self._forward_lean(video, text, temb, rope)
         normed_video, normed_text, gate, text_gate = self.norm1(video, text, temb)
         video_out, text_out = self.attention(normed_video, normed_text, rope)
         del normed_video, normed_text
@@ -366,6 +423,66 @@ class MMDiTBlock(nn.Module):
         out = out.transpose(1, 2).flatten(2)
         s = text.shape[1]
         return self.attn1.to_out[0](out[:, s:]), text_layer.to_out[0](out[:, :s])
+
+    def _forward_lean(self, video, text, temb, rope):
+        """`forward` outside autograd, holding less (module docstring): the same operations in the same order,
+        the video tokens in row chunks. The input tensors are not changed (hooks may keep them)."""
+        cos, sin = rope
+        b, n, dim = video.shape
+        s = text.shape[1]
+        text_layer = self.attn2 if self.joint else self.attn1
+        heads = self.attn1.heads
+
+        # Joint attention: q, k, v of [text; video] written straight into (B, heads, S + N, head_dim) buffers.
+        shift, scale, gate, text_shift, text_scale, text_gate = self.norm1.modulation(temb)
+        q, k, v = (video.new_empty(b, heads, s + n, dim // heads) for _ in range(3))
+        normed = self.norm1.modulate(text, text_shift, 1 + text_scale)
+        for which, buffer in (("q", q), ("k", k), ("v", v)):
+            buffer[:, :, :s].copy_(text_layer.project(which, normed).transpose(1, 2))
+        scale_plus_one = 1 + scale
+        for i, j in row_chunks(n, QKV_CHUNKS):
+            normed = self.norm1.modulate(video[:, i:j], shift, scale_plus_one)
+            for which, buffer in (("q", q), ("k", k), ("v", v)):
+                part = self.attn1.project(which, normed)
+                if which != "v":
+                    part = _rotated(part, cos[i:j], sin[i:j])
+                buffer[:, :, s + i : s + j].copy_(part.transpose(1, 2))
+                del part
+        del normed, buffer
+        if video.device.type == "cpu":
+            # the chunks' temporaries are small enough for the C heap, which would keep them through the peak
+            release_freed_memory()
+        out = F.scaled_dot_product_attention(q, k, v)
+        del q, k, v
+        out = out.transpose(1, 2).flatten(2)  # (B, S + N, dim); a view where the kernel wrote (B, S + N, heads, d)
+        text = text + text_gate * text_layer.to_out[0](out[:, :s])
+        part = self.attn1.to_out[0](out[:, s:]).mul_(gate)
+        del out
+        video = torch.add(video, part)  # the block's own stream from here on
+        del part
+
+        # Feed-forward, the residual in place on that stream.
+        shift, scale, gate, text_shift, text_scale, text_gate = self.norm2.modulation(temb)
+        normed = self.norm2.modulate(text, text_shift, 1 + text_scale)
+        text = text + text_gate * (self.txt_ff if self.joint else self.ff)(normed)
+        scale_plus_one = 1 + scale
+        for i, j in row_chunks(n, FEED_FORWARD_CHUNKS):
+            rows = video[:, i:j]
+            normed = self.norm2.modulate(rows, shift, scale_plus_one)
+            rows.add_(_feed_forward_in_place(self.ff, normed).mul_(gate))
+            del normed
+        return video, text
+
+
+def _feed_forward_in_place(ff: FeedForward, x: torch.Tensor) -> torch.Tensor:
+    """`ff(x)` with the tanh-GELU applied in place on the first layer's output (the same numbers); a memory
+    budget's feed-forward chunks (`attention.feed_forward_chunks`) still apply through `ff` itself."""
+    first = ff.net[0]
+    if _FEED_FORWARD_BYTES.get() is not None or not isinstance(first, GELUProjection):
+        return ff(x)
+    hidden = first.proj(x)
+    torch._C._nn.gelu_(hidden, approximate="tanh")
+    return ff.net[2](hidden)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -462,12 +579,17 @@ class EasyAnimateMMDiT(nn.Module):
             text = torch.cat([text, self.text_proj_t5(encoder_hidden_states_t5.to(device, dtype))], dim=1)
 
         rope = rope_tables(frames, grid_h, grid_w, cfg.attention_head_dim, p, device=device)
-        for block in self.transformer_blocks:
-            video, text = block(video, text, temb, rope)
+        cache = active_teacache()  # this sampling run's TeaCache (easyanimate/teacache.py), or None
+        if cache is not None and not cache.should_compute(self.transformer_blocks[0].norm1, video, text, temb):
+            video = cache.reuse(video)  # norm_out's output, from the residual of the last computed call
+        else:
+            for block in self.transformer_blocks:
+                video, text = block(video, text, temb, rope)
+            # The reference normalises [text; video] and drops the text: LayerNorm is per token, so only the video.
+            video = self.norm_out(self.norm_final(video), temb)
+            if cache is not None:
+                cache.remember(video)
         del text, rope
-
-        # The reference normalises [text; video] and drops the text: LayerNorm is per token, so only the video.
-        video = self.norm_out(self.norm_final(video), temb)
         video = self.proj_out(video)
         return rearrange(video, "b (f h w) (c p q) -> b c f (h p) (w q)", f=frames, h=grid_h, w=grid_w, p=p, q=p)
 

@@ -319,6 +319,38 @@ def test_shared_blocks_project_the_text_part(reference):
                                     + inputs.get("encoder_hidden_states_t5", torch.zeros(0, 0)).shape[1]])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inference_path_computes_what_the_autograd_path_computes(reference, dtype, monkeypatch):
+    """Outside autograd the blocks run their lean path (q/k/v written into joint buffers, row chunks, in-place
+    modulation and residuals): the same operations in the same order, so the same numbers, in float32 and
+    bf16; row chunks (forced here: 5 rows) only change which rows a matrix product sees at once. The block
+    inputs are left as they were (forward hooks may keep them)."""
+    import easyanimate.models.mmdit as mmdit
+
+    family, model, _, _, _ = reference
+    model = random_model(family).to(dtype)
+    model.dtype = dtype
+    inputs = example_inputs(model, frames=3)
+    kept = []
+    hook = model.transformer_blocks[1].register_forward_hook(
+        lambda m, args, out: kept.append((args[0], args[0].clone(), out[0], out[0].clone())))
+    try:
+        with torch.enable_grad():
+            plain = model(**inputs)
+        with torch.no_grad():
+            lean = model(**inputs)
+        monkeypatch.setattr(mmdit, "BLOCK_MIN_CHUNK_ROWS", 5)
+        with torch.no_grad():
+            chunked = model(**inputs)
+    finally:
+        hook.remove()
+    assert torch.equal(lean, plain)
+    scale = plain.float().abs().max()
+    assert (chunked.float() - plain.float()).abs().max() <= (1e-6 if dtype == torch.float32 else 1e-2) * scale
+    for block_input, input_copy, block_output, output_copy in kept[1:]:
+        assert torch.equal(block_input, input_copy) and torch.equal(block_output, output_copy)
+
+
 # --- LoRA -------------------------------------------------------------------------------------------
 
 def _lora_names(model):

@@ -23,7 +23,7 @@ def test_inside_comfyui_a_failing_comfy_import_is_an_error_not_a_fallback(standa
     the pack must say so instead of running models outside ComfyUI's memory management."""
     host = standalone.nodes.host
     for name in ("comfy", "comfy.model_management", "comfy.model_patcher", "comfy.ops", "comfy.utils", "comfy.lora",
-                 "folder_paths"):
+                 "comfy.patcher_extension", "folder_paths"):
         monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
     monkeypatch.setitem(sys.modules, broken, None)  # `import` of a None entry raises ImportError
     assert host.inside_comfyui()

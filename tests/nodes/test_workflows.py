@@ -5,6 +5,12 @@ node's INPUT_TYPES / RETURN_TYPES: node types exist, input names exist and requi
 links point at outputs of the right type, widget values are valid (combo members, numeric ranges), and
 UI widget values come in the order the frontend derives from INPUT_TYPES. The two formats of a
 workflow describe the same graph.
+
+A workflow saved before a node gained inputs holds fewer widget values than the node has widgets: the
+frontend gives the widgets after the saved values their defaults, and an API prompt that leaves out an
+optional input runs with the function's default. So new inputs go at the end, as optional inputs with
+defaults (a value list shorter than the widgets is accepted only then), and the saved values keep their
+positions.
 """
 import json
 
@@ -108,7 +114,12 @@ def test_ui_workflow_matches_node_definitions_and_its_api_twin(pack, path):
         specs, _ = input_specs(cls)
         names = ui_widget_names(cls)
         values = node.get("widgets_values", [])
-        assert len(values) == len(names), f"{path.name}: {node_type} widgets {values} do not fit {names}"
+        assert len(values) <= len(names), f"{path.name}: {node_type} widgets {values} do not fit {names}"
+        optional = cls.INPUT_TYPES().get("optional", {})
+        for missing in names[len(values):]:
+            spec = optional.get(missing.split(":")[0])
+            assert spec is not None and "default" in spec[1], \
+                f"{path.name}: {node_type} has no saved value for {missing}, which is not an optional input with a default"
         widgets = dict(zip(names, values))
         for name, value in widgets.items():
             if name.endswith(":control"):

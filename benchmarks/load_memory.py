@@ -7,6 +7,19 @@ calls `load_state_dict` on a fully read state dict, as most loaders do.
 
     python benchmarks/load_memory.py            # full-width V3 blocks (hidden 1152), about 1.3 GB fp32
     python benchmarks/load_memory.py --smoke    # tiny, for CI
+
+V5/V5.1 (`--v5`): a V5.1 transformer of the 12B width (48 heads x 64, feed-forward 12288, Qwen2-VL text 3584,
+every block MMDiT) with `--blocks` blocks (default 16, about 7.9 GB), random weights written in the original
+release layout (config.json + bf16 safetensors shards with their `.index.json`; `--shards 1`: one file), then
+loaded with `load_transformer(folder, dtype="bf16")` in a fresh process, `--repeats` times. The figure is the
+process's peak resident set (VmHWM, counter reset just before loading) minus its resident set before loading:
+once right after `load_transformer` returns, and once more after every weight page has been read (the loader
+maps the file, so file pages become resident when first used: the second figure is the loaded model in RAM).
+The target is that second peak <= 1.05 x the weights' bytes.
+
+    python benchmarks/load_memory.py --v5                  # 16 blocks, about 7.9 GB bf16 (a minute or two)
+    python benchmarks/load_memory.py --v5 --blocks 20      # about 9.8 GB
+    python benchmarks/load_memory.py --v5 --smoke          # tiny, for CI
 """
 from __future__ import annotations
 
@@ -15,9 +28,11 @@ import json
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the parent process also builds a model (--v5 writes its release folder)
 
 _CHILD = r"""
 import json, sys, threading, time
@@ -117,11 +132,165 @@ def print_table(rows: list[dict]) -> None:
           " which the kernel can drop and re-read. fp32 weights stay mapped from the file until first moved.")
 
 
+# --- V5 / V5.1 ---------------------------------------------------------------------------------------
+
+V5_TARGET = 1.05  # peak resident set of loading, in weight bytes
+
+_V5_CHILD = r"""
+import json, sys, time
+sys.path.insert(0, {root!r})
+sys.path.insert(0, {here!r})
+from process_memory import reset_peak, status_kib
+import torch
+from easyanimate.loading import load_transformer
+
+base, base_anon, base_file = (status_kib(k) * 1024 for k in ("VmRSS", "RssAnon", "RssFile"))
+reset = reset_peak()
+t0 = time.perf_counter()
+model = load_transformer({folder!r}, dtype="bf16")
+seconds = time.perf_counter() - t0
+loaded = {{k: status_kib(k) * 1024 for k in ("VmHWM", "VmRSS", "RssAnon", "RssFile")}}
+t0 = time.perf_counter()
+with torch.no_grad():  # read one value of every 4 KiB page of every weight: the whole model resident
+    for p in model.parameters():
+        flat = p.detach().reshape(-1)
+        flat[:: max(1, 4096 // p.element_size())].float().sum()
+touch_s = time.perf_counter() - t0
+resident = {{k: status_kib(k) * 1024 for k in ("VmHWM", "VmRSS", "RssAnon", "RssFile")}}
+print(json.dumps({{
+    "seconds": seconds, "touch_s": touch_s, "peak_reset": reset, "base_rss": base, "base_anon": base_anon,
+    "base_file": base_file, "loaded": loaded, "resident": resident,
+    "model_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+    "params": sum(p.numel() for p in model.parameters()),
+    "dtypes": sorted({{str(p.dtype) for p in model.parameters()}}),
+}}))
+"""
+
+
+def v5_config(blocks: int, smoke: bool) -> dict:
+    """The released V5.1 config (easyanimate/configs/transformer_v51.json: 12B width, InP channels, every block
+    MMDiT) with `blocks` blocks; smoke: a tiny width."""
+    sys.path.insert(0, str(ROOT))
+    from easyanimate.models.mmdit import family_preset
+
+    raw = dict(family_preset("v51"), num_layers=blocks, mmdit_layers=blocks)
+    if smoke:
+        raw.update(num_attention_heads=2, attention_head_dim=16, text_embed_dim=24, time_embed_dim=16)
+    return raw
+
+
+def make_v5_release(folder: Path, blocks: int, shards: int, smoke: bool = False) -> int:
+    """A V5.1 transformer folder in the original release layout with random bf16 weights (std 0.02), written
+    shard by shard (a shard's tensors are the only ones in memory); returns the bytes of all shards."""
+    import torch
+    from safetensors.torch import save_file
+
+    from easyanimate.models.mmdit import EasyAnimateMMDiT, MMDiTConfig
+
+    raw = v5_config(blocks, smoke)
+    with torch.device("meta"):
+        model = EasyAnimateMMDiT(MMDiTConfig.from_dict(raw, "v51"), dtype=torch.bfloat16)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    del model
+    # blocks split evenly over the shards; the embeddings go with the first, the output layers with the last
+    per_shard = -(-blocks // shards)
+    def shard_of(key: str) -> int:
+        if key.startswith("transformer_blocks."):
+            return int(key.split(".")[1]) // per_shard
+        return 0 if key.startswith(("time_embedding.", "proj.", "text_proj")) else shards - 1
+    groups: dict[int, list[str]] = {}
+    for key in shapes:
+        groups.setdefault(min(shard_of(key), shards - 1), []).append(key)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(raw, indent=2))
+    names = {i: (f"diffusion_pytorch_model-{i + 1:05d}-of-{shards:05d}.safetensors" if shards > 1
+                 else "diffusion_pytorch_model.safetensors") for i in range(shards)}
+    generator, total, weight_map = torch.Generator().manual_seed(0), 0, {}
+    for index in range(shards):
+        tensors = {k: torch.empty(shapes[k], dtype=torch.bfloat16).normal_(0, 0.02, generator=generator)
+                   for k in groups.get(index, [])}
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        save_file(tensors, str(folder / names[index]), metadata={"format": "pt"})
+        weight_map.update({k: names[index] for k in tensors})
+        del tensors
+    if shards > 1:
+        index_file = folder / "diffusion_pytorch_model.safetensors.index.json"
+        index_file.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return total
+
+
+def measure_v5(folder: Path) -> dict:
+    code = _V5_CHILD.format(root=str(ROOT), here=str(Path(__file__).resolve().parent), folder=str(folder))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"benchmark child failed:\n{out.stderr[-4000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_v5(smoke: bool, repeats: int, blocks: int, shards: int, folder: Path | None = None) -> dict:
+    """Write the release folder (or reuse `folder` if it already holds one) and load it `repeats` times."""
+    with tempfile.TemporaryDirectory() as tmp:
+        where = folder or Path(tmp) / "transformer"
+        start = time.perf_counter()
+        if not (where / "config.json").is_file():
+            file_bytes = make_v5_release(where, blocks, shards, smoke)
+        else:
+            file_bytes = sum(f.stat().st_size for f in where.glob("*.safetensors"))
+        write_s = time.perf_counter() - start
+        files = sorted(f.name for f in where.glob("*.safetensors"))
+        runs = [measure_v5(where) for _ in range(repeats)]
+    return {"blocks": blocks, "shards": len(files), "file_bytes": file_bytes, "write_s": write_s, "runs": runs,
+            "load": Path("/proc/loadavg").read_text().split()[0]}
+
+
+def v5_peak(run: dict, when: str) -> int:
+    return run[when]["VmHWM"] - run["base_rss"]
+
+
+def print_v5_table(result: dict) -> None:
+    runs = result["runs"]
+    first = runs[0]
+    weights = first["model_bytes"]
+    mib = lambda v: f"{v / 2**20:.0f}"  # noqa: E731
+    print(f"V5.1, 12B width ({first['params'] / 1e9:.3f} B parameters, {result['blocks']} blocks, "
+          f"{' '.join(first['dtypes'])}), original release layout in {result['shards']} safetensors file(s) of "
+          f"{mib(result['file_bytes'])} MiB in all; load_transformer(folder, dtype=\"bf16\") in a fresh process; "
+          f"1-minute load average {result['load']} when the table was printed")
+    print()
+    print("| run | weights MiB | load s | peak RSS after load MiB | peak RSS resident MiB | resident / weights "
+          "| anon MiB | file-backed MiB | target |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|:---|")
+    for i, run in enumerate(runs, 1):
+        ratio = v5_peak(run, "resident") / weights
+        verdict = "PASS" if ratio <= V5_TARGET else "MISS"
+        anon = run["resident"]["RssAnon"] - run["base_anon"]
+        mapped = run["resident"]["RssFile"] - run["base_file"]
+        print(f"| {i} | {mib(weights)} | {run['seconds']:.2f} | {mib(v5_peak(run, 'loaded'))} | "
+              f"{mib(v5_peak(run, 'resident'))} | {ratio:.3f} | {mib(anon)} | {mib(mapped)} | "
+              f"<= {V5_TARGET:g} x weights: {verdict} |")
+    print()
+    print("MiB = 2**20 bytes. Peaks are the process's VmHWM (reset just before loading) minus its VmRSS before loading "
+          "(interpreter and torch excluded). 'after load': when load_transformer returns; 'resident': after one "
+          "value of every 4 KiB page of every weight was read. anon / file-backed: the resident set's anonymous and "
+          "file-mapped parts beyond the baseline (bf16 tensors of a bf16 file stay mapped from the file; the page "
+          "cache is shared with other processes, so the kernel may drop and re-read them).")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, for CI")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--v5", action="store_true", help="a V5.1 transformer of the 12B width (see above)")
+    parser.add_argument("--blocks", type=int, default=16, help="--v5: transformer blocks (default 16)")
+    parser.add_argument("--shards", type=int, default=4, help="--v5: safetensors shards (default 4; 1: one file)")
+    parser.add_argument("--folder", type=Path, default=None,
+                        help="--v5: write the release folder here and keep it (reused when it exists)")
     args = parser.parse_args()
+    if args.v5:
+        blocks = 2 if args.smoke else args.blocks
+        shards = min(args.shards, blocks)
+        print_v5_table(run_v5(args.smoke, 1 if args.smoke else args.repeats, blocks, shards, args.folder))
+        return
     print_table(run(args.smoke, 1 if args.smoke else args.repeats))
 
 

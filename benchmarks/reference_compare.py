@@ -1,5 +1,8 @@
 """Side-by-side runs of this pack and the original EasyAnimate code, for benchmarks/dit_forward.py and
-benchmarks/vae_memory.py (`--reference-python PATH --reference-src DIR`).
+benchmarks/vae_memory.py (`--reference-python PATH --reference-src DIR`), and of this pack and diffusers'
+EasyAnimate classes (V5/V5.1), for benchmarks/mmdit_forward.py and benchmarks/vae5_decode.py
+(`--diffusers-python PATH`: an environment with diffusers >= 0.33, where `reference_child.py` runs
+`EasyAnimateTransformer3DModel` / `AutoencoderKLMagvit`; no checkout needed).
 
 A ratio against another implementation is only printed from runs of both taken in the same invocation:
 every run is a fresh process, ours with this interpreter and the reference's with `--reference-python` (an
@@ -53,11 +56,52 @@ def add_options(parser) -> None:
                             "(torch CPU, diffusers 0.28.2, transformers 4.42.4)")
     group.add_argument("--reference-src", type=Path, default=None, metavar="DIR",
                        help=f"checkout of aigc-apps/EasyAnimate at V3 commit {REFERENCE_COMMIT[:7]}")
-    group.add_argument("--rounds", type=int, default=3, help="alternating rounds ours / theirs (default 3)")
+    _alternation_options(group)
+
+
+def _alternation_options(group, rounds: int = 3, retries: int = 2) -> None:
+    group.add_argument("--rounds", type=int, default=rounds,
+                       help=f"alternating rounds ours / theirs (default {rounds})")
     group.add_argument("--max-other-load", type=float, default=0.2, metavar="CORES",
                        help="take a run again when other processes used more than this many cores on average "
                             "during it (default 0.2)")
-    group.add_argument("--retries", type=int, default=2, help="how often a loaded run is taken again (default 2)")
+    group.add_argument("--retries", type=int, default=retries,
+                       help=f"how often a loaded run is taken again (default {retries})")
+
+
+NO_DIFFUSERS = ("no comparison with diffusers in this run, so no ratio: give --diffusers-python PATH to run both "
+                "side by side")
+
+
+def add_diffusers_options(parser, rounds: int = 3, retries: int = 2) -> None:
+    """--diffusers-python PATH and the alternation options, for the V5/V5.1 benchmarks."""
+    group = parser.add_argument_group("side by side with diffusers")
+    group.add_argument("--diffusers-python", type=Path, default=None, metavar="PATH",
+                       help="interpreter of an environment with diffusers >= 0.33 (EasyAnimateTransformer3DModel, "
+                            "AutoencoderKLMagvit) and torch; it runs benchmarks/reference_child.py")
+    _alternation_options(group, rounds, retries)
+
+
+def check_diffusers_options(parser, args) -> bool:
+    """True when a comparison with diffusers was asked for; refuses an interpreter without diffusers' classes."""
+    if args.diffusers_python is None:
+        return False
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    probe = "import diffusers; from diffusers import EasyAnimateTransformer3DModel, AutoencoderKLMagvit; print(diffusers.__version__)"
+    try:
+        done = subprocess.run([str(args.diffusers_python), "-c", probe], capture_output=True, text=True, timeout=300)
+    except OSError as err:
+        parser.error(f"--diffusers-python {args.diffusers_python}: cannot run it ({err})")
+    if done.returncode != 0:
+        parser.error(f"--diffusers-python {args.diffusers_python}: diffusers' EasyAnimate classes do not import there "
+                     f"(diffusers >= 0.33 needed):\n{done.stderr[-1500:]}")
+    args.diffusers_version = done.stdout.strip().splitlines()[-1]
+    return True
+
+
+def diffusers_command(args, *child_args) -> list[str]:
+    return [str(args.diffusers_python), str(HERE / "reference_child.py"), *map(str, child_args)]
 
 
 def check_options(parser, args) -> bool:
@@ -105,9 +149,11 @@ def run_child(cmd: list[str], env: dict | None = None) -> dict:
             "load_before": load, "other_load_whole_run": whole, "other_load": result.get("other_load", whole)}
 
 
-def alternate(args, commands: dict[str, tuple[list[str], dict | None]], label: str = "") -> dict[str, list[dict]]:
+def alternate(args, commands: dict[str, tuple[list[str], dict | None]], label: str = "",
+              summary=None) -> dict[str, list[dict]]:
     """`args.rounds` rounds of one fresh run per command, in the given order; a run under more than
-    `args.max_other_load` cores of other load is taken again (at most `args.retries` times)."""
+    `args.max_other_load` cores of other load is taken again (at most `args.retries` times). Each run is
+    reported on stderr as it ends, with `summary(result)` when given."""
     runs: dict[str, list[dict]] = {name: [] for name in commands}
     for round_ in range(1, args.rounds + 1):
         for name, (cmd, env) in commands.items():
@@ -117,6 +163,7 @@ def alternate(args, commands: dict[str, tuple[list[str], dict | None]], label: s
                 run["loaded"] = run["other_load"] > args.max_other_load
                 print(f"{label}round {round_} {name}: {run['wall_s']:.1f} s wall, load avg before "
                       f"{run['load_before']:.2f}, other load {run['other_load']:.2f} cores"
+                      + (f"; {summary(run['result'])}" if summary else "")
                       + (" (taken again)" if run["loaded"] and attempt < args.retries else ""),
                       file=sys.stderr, flush=True)
                 if not run["loaded"]:

@@ -98,8 +98,8 @@ class MagvitV5Config:
                 convs += [(cin, area, 2)] + [(rev[i], area, 2)] * (2 * (layers + 1) - 1)
                 widest = max(widest, cin * area * frames)
                 if i < len(rev) - 1:
+                    convs.append((rev[i], area, 2))  # the upsampler caches its input before the doubling
                     area *= 4
-                    convs.append((rev[i], area, 2))
                     frames *= 2 if kind == "spatiotemporal" else 1
                     widest = max(widest, rev[i] * area * frames)
             convs.append((rev[-1], area, 2))
@@ -145,6 +145,10 @@ class StreamCache:
     def keep(self, module: nn.Module, frames: torch.Tensor) -> None:
         self._frames[module] = frames
 
+    def take(self, module: nn.Module) -> torch.Tensor | None:
+        """The frames kept for `module`, removed from the cache (freed as soon as the caller drops them)."""
+        return self._frames.pop(module, None)
+
     def begin(self, module: nn.Module) -> bool:
         """True the first time `module` is seen in this stream."""
         if module in self._begun:
@@ -183,57 +187,106 @@ def _time_cat(parts: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def causal_conv(conv: nn.Module, box: list, cache: StreamCache, norm: nn.Module | None = None) -> torch.Tensor:
+def causal_conv(conv: nn.Module, box: list, cache: StreamCache, norm: nn.Module | None = None,
+                upsample: bool = False) -> torch.Tensor:
     """`conv` (kernel 3 in time, no temporal padding of its own) as a causal convolution over the stream,
     applied to the tensor in `box` (taken out, so that it is freed as soon as nothing else holds it), or
     with `norm` to SiLU(per-frame GroupNorm(x)), the residual blocks' pre-activation, which is computed
-    straight into the padded input (no separate normalised copy).
+    straight into the padded input (no separate normalised copy), or with `upsample` to x doubled in
+    height and width (nearest), the upsamplers' input: the padded input is built and cached at the small
+    size and doubled just before the convolution (nearest copies values, so the numbers are the same).
 
     The first call of a stream repeats the first frame twice in front (replicate padding); later calls
     put the frames the previous call left in the cache in front instead: the last two for stride 1, the
     last one for stride 2, which continues the stride-2 windows exactly when chunks have an even length
     (the frame rule guarantees it). The cache then keeps the last `kernel - stride` frames of the padded
-    input. The result equals one causal convolution over the whole sequence.
+    input, written into the buffer that held the previous ones (no second copy). The result equals one
+    causal convolution over the whole sequence.
     """
     x = box.pop()
-    previous = cache.frames(conv)
+    # the norm's statistics before the padded input exists (their temporary is not held with it)
+    affine = frame_group_affine(norm, x) if norm is not None else None
+    previous = cache.take(conv)
     lead = KERNEL_FRAMES - 1 if previous is None else previous.shape[2]
     full = _empty_like_frames(x, lead + x.shape[2])
     body = full[:, :, lead:]
     if norm is None:
         body.copy_(x)
     elif _in_place_ok(x):
-        silu_(frame_group_norm(norm, x, out=body))
+        silu_(frame_group_norm(norm, x, out=body, affine=affine))
     else:  # autograd: no out= / in-place steps on values it needs
-        body.copy_(F.silu(frame_group_norm(norm, x)))
-    del x
+        body.copy_(F.silu(frame_group_norm(norm, x, affine=affine)))
+    del x, affine
     full[:, :, :lead].copy_(body[:, :, :1].expand_as(full[:, :, :lead]) if previous is None else previous)
-    del previous, body
+    del body
     keep = KERNEL_FRAMES - conv.stride[0]
-    cache.keep(conv, full[:, :, full.shape[2] - keep :].clone(memory_format=_format_of(full)))
+    tail = full[:, :, full.shape[2] - keep :]
+    if previous is not None and previous.shape == tail.shape and _in_place_ok(previous):
+        cache.keep(conv, previous.copy_(tail))  # the old frames' buffer, now copied into `full`, takes the new
+    else:
+        cache.keep(conv, tail.clone(memory_format=_format_of(full)))
+    del previous, tail
+    if upsample:
+        full = F.interpolate(full, scale_factor=(1, 2, 2), mode="nearest")
     return _conv(conv, full)
 
 
-def frame_group_norm(norm: nn.Module, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def frame_group_norm(norm: nn.Module, x: torch.Tensor, out: torch.Tensor | None = None, affine=None) -> torch.Tensor:
     """GroupNorm of every frame on its own (statistics over C/groups x H x W per sample and frame).
 
-    float32/float64 with a plain `nn.GroupNorm`: per-group mean and variance, then one scale and shift,
-    written into `out` when given. Otherwise (another dtype, another
-    GroupNorm class such as ComfyUI's casting one) the module itself runs on the frames as a batch of
-    images. Equal to diffusers' per-frame `GroupNorm` up to float rounding.
+    float32/float64 with a plain `nn.GroupNorm`: per-group mean and variance (`frame_group_affine`), then
+    one scale and shift, written into `out` when given (`affine`: that scale and shift, computed before).
+    Otherwise (another dtype, another GroupNorm class such as ComfyUI's casting one) the module itself runs
+    on the frames as a batch of images. Equal to diffusers' per-frame `GroupNorm` up to float rounding.
     """
-    b, c, t, h, w = x.shape
-    if type(norm) is nn.GroupNorm and norm.affine and x.dtype in (torch.float32, torch.float64):
-        g = norm.num_groups
-        grouped = x.view(b, g, c // g, t, h, w)
-        var, mean = torch.var_mean(grouped, dim=(2, 4, 5), keepdim=True, unbiased=False)  # (b, g, 1, t, 1, 1)
-        scale = torch.rsqrt(var + norm.eps) * norm.weight.view(1, g, c // g, 1, 1, 1)
-        shift = norm.bias.view(1, g, c // g, 1, 1, 1) - mean * scale
-        scale, shift = scale.view(b, c, t, 1, 1), shift.view(b, c, t, 1, 1)
+    affine = affine or frame_group_affine(norm, x)
+    if affine is not None:
+        scale, shift = affine
         return torch.addcmul(shift, x, scale) if out is None else torch.addcmul(shift, x, scale, out=out)
+    b, c, t, h, w = x.shape
     frames = norm(x.transpose(1, 2).reshape(b * t, c, h, w))
     normed = frames.reshape(b, t, c, h, w).transpose(1, 2)
     return normed if out is None else out.copy_(normed)
+
+
+def frame_group_affine(norm: nn.Module, x: torch.Tensor):
+    """(scale, shift), each (B, C, T, 1, 1), with GroupNorm(frame) = frame * scale + shift for every frame of x,
+    for a plain affine `nn.GroupNorm` on float32/float64; None otherwise.
+
+    The statistics of a channels-last x (the CPU layout) come from torch's own GroupNorm kernel run on the
+    frames as a batch of channels-last images (a view, no copy; its normalised output is dropped: a
+    temporary the size of x): a vectorised pass, several times faster than a strided reduction over that
+    layout. Other layouts (and autograd): `torch.var_mean` over each group of each frame.
+    """
+    if not (type(norm) is nn.GroupNorm and norm.affine and x.dtype in (torch.float32, torch.float64)):
+        return None
+    b, c, t, h, w = x.shape
+    g = norm.num_groups
+    frames = _channels_last_frames(x)
+    if frames is not None and _in_place_ok(x):
+        _, mean, rstd = torch.native_group_norm(frames, None, None, b * t, c, h * w, g, norm.eps)
+        del _
+        mean = mean.view(b, t, g, 1).transpose(1, 2)[:, :, None, :, :, None]  # (b, g, 1, t, 1, 1)
+        rstd = rstd.view(b, t, g, 1).transpose(1, 2)[:, :, None, :, :, None]
+    else:
+        grouped = x.view(b, g, c // g, t, h, w)
+        var, mean = torch.var_mean(grouped, dim=(2, 4, 5), keepdim=True, unbiased=False)  # (b, g, 1, t, 1, 1)
+        rstd = torch.rsqrt(var + norm.eps)
+    scale = rstd * norm.weight.view(1, g, c // g, 1, 1, 1)
+    shift = norm.bias.view(1, g, c // g, 1, 1, 1) - mean * scale
+    return scale.reshape(b, c, t, 1, 1), shift.reshape(b, c, t, 1, 1)
+
+
+def _channels_last_frames(x: torch.Tensor) -> torch.Tensor | None:
+    """The frames of a channels-last x (B, C, T, H, W) as a channels-last batch of images (B * T, C, H, W):
+    a view with the canonical strides (those of size-1 dimensions included, which torch's kernels read);
+    None when x is not laid out that way."""
+    b, c, t, h, w = x.shape
+    canonical = (t * h * w * c, 1, h * w * c, w * c, c)
+    if x.dtype.is_complex or not all(size == 1 or have == want
+                                     for size, have, want in zip(x.shape, x.stride(), canonical)):
+        return None
+    return x.as_strided((b * t, c, h, w), (h * w * c, 1, w * c, c))
 
 
 def causal_conv_layer(operations, in_channels, out_channels, stride=(1, 1, 1), spatial_padding=1, dtype=None,
@@ -291,19 +344,24 @@ class Upsampler(nn.Module):
         self.conv = causal_conv_layer(operations, channels, channels, dtype=dtype, device=device)
 
     def forward(self, box, cache):
-        x = causal_conv(self.conv, [F.interpolate(box.pop(), scale_factor=(1, 2, 2), mode="nearest")], cache)
+        frames = list(self.frames(box, cache))
+        if len(frames) == 1:
+            return frames[0]
+        return _time_cat(frames, like=frames[0])
+
+    def frames(self, box, cache):
+        """The output as (B, C, 1, H, W) frames in order, without building the doubled tensor: a repeated
+        frame is the same tensor twice. Not temporal: the whole output, once."""
+        x = causal_conv(self.conv, box, cache, upsample=True)
         if not self.temporal:
-            return x
-        first = x[:, :, :1] if cache.begin(self) else None
-        rest = x if first is None else x[:, :, 1:]
-        if rest.shape[2] == 0:
-            return x
-        b, c, t, h, w = rest.shape
-        doubled = torch.empty((b, c, 2 * t, h, w), dtype=x.dtype, device=x.device, memory_format=_format_of(x))
-        doubled[:, :, 0::2].copy_(rest)
-        doubled[:, :, 1::2].copy_(rest)
-        del rest
-        return doubled if first is None else _time_cat([first, doubled], like=doubled)
+            yield x
+            return
+        first = cache.begin(self)
+        for i in range(x.shape[2]):
+            frame = x[:, :, i : i + 1]
+            yield frame
+            if not (first and i == 0):
+                yield frame
 
 
 class MidBlock(nn.Module):
@@ -327,6 +385,18 @@ def _run(layers, box: list, cache: StreamCache) -> torch.Tensor:
         if layer is not None:
             box.append(layer(box, cache))
     return box.pop()
+
+
+def _run_frame_by_frame(steps: list, box: list, cache: StreamCache, out: list) -> None:
+    """Run `steps` on the tensor in `box` (taken out); the frames a temporal upsampler gives go through the
+    steps after it one by one (recursively: a later upsampler splits again); results are appended to `out`."""
+    for i, step in enumerate(steps):
+        if isinstance(step, Upsampler) and step.temporal:
+            for frame in step.frames(box, cache):
+                _run_frame_by_frame(steps[i + 1 :], [frame], cache, out)
+            return
+        box.append(step(box, cache))
+    out.append(box.pop())
 
 
 class DownBlock(nn.Module):
@@ -396,9 +466,17 @@ class MagvitV5Decoder(nn.Module):
         self.conv_out = causal_conv_layer(operations, rev[-1], config.out_channels, dtype=dtype, device=device)
 
     def forward(self, box, cache):
+        """The next latents of the stream -> their pixels. From the first temporal upsampler on, the frames
+        go through the rest of the network one at a time (memory: one frame's activations at the large
+        sizes; every later convolution is causal with its own cache, so this is the same computation)."""
         box.append(causal_conv(self.conv_in, box, cache))
-        x = _run([self.mid_block, *self.up_blocks], box, cache)
-        return causal_conv(self.conv_out, [x], cache, norm=self.conv_norm_out)
+        steps = list(self.mid_block.convs)
+        for block in self.up_blocks:
+            steps += [*block.convs] + ([block.upsampler] if block.upsampler is not None else [])
+        steps.append(lambda box, cache: causal_conv(self.conv_out, box, cache, norm=self.conv_norm_out))
+        out = []
+        _run_frame_by_frame(steps, box, cache, out)
+        return out[0] if len(out) == 1 else _time_cat(out, like=out[0])
 
 
 class MagvitV5VAE(nn.Module):

@@ -474,6 +474,18 @@ def run_diffusion_training(model, optimizer, cache, cfg, run: Path, start: int, 
 
 def export_release(folder, transformer_state: dict, transformer_config: dict, vae_source, text_source) -> Path:
     """Write a V3 release folder: transformer/ (fp16), vae/, text_encoder/, tokenizer/, scheduler/."""
+    return write_release(folder, transformer_state, transformer_config, vae_source, text_source, SCHEDULER_CONFIG, {
+        "_class_name": "EasyAnimateInpaintPipeline", "_comment": "EasyAnimate V3 InP layout, demo size",
+        "transformer": ["easyanimate", "Transformer3DModel"], "vae": ["easyanimate", "AutoencoderKLMagvit"],
+        "text_encoder": ["transformers", "T5EncoderModel"], "tokenizer": ["transformers", "T5Tokenizer"],
+        "scheduler": ["diffusers", "DPMSolverMultistepScheduler"],
+    })
+
+
+def write_release(folder, transformer_state: dict, transformer_config: dict, vae_source, text_source,
+                  scheduler_config: dict, model_index: dict) -> Path:
+    """A release folder of any family: transformer/ (fp16), vae/ and text_encoder/ + tokenizer/ copied from
+    their runs (unless already there), scheduler/scheduler_config.json and model_index.json."""
     folder = Path(folder)
     save_weights(folder / "transformer", transformer_state, transformer_config, dtype=torch.float16)
     for sub, source in (("vae", subfolder_or_self(vae_source, "vae")),
@@ -483,13 +495,8 @@ def export_release(folder, transformer_state: dict, transformer_config: dict, va
             shutil.rmtree(folder / sub, ignore_errors=True)
             shutil.copytree(source, folder / sub)
     (folder / "scheduler").mkdir(parents=True, exist_ok=True)
-    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER_CONFIG, indent=2) + "\n")
-    (folder / "model_index.json").write_text(json.dumps({
-        "_class_name": "EasyAnimateInpaintPipeline", "_comment": "EasyAnimate V3 InP layout, demo size",
-        "transformer": ["easyanimate", "Transformer3DModel"], "vae": ["easyanimate", "AutoencoderKLMagvit"],
-        "text_encoder": ["transformers", "T5EncoderModel"], "tokenizer": ["transformers", "T5Tokenizer"],
-        "scheduler": ["diffusers", "DPMSolverMultistepScheduler"],
-    }, indent=2) + "\n")
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config, indent=2) + "\n")
+    (folder / "model_index.json").write_text(json.dumps(model_index, indent=2) + "\n")
     return folder
 
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,8 +36,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .common import EMA, Progress, count_parameters, load_checkpoint, save_weights, start_run, subfolder_or_self
-from .dit import LatentCache, run_diffusion_training, sample_posterior
+from .common import EMA, Progress, count_parameters, load_checkpoint, start_run, subfolder_or_self
+from .dit import LatentCache, run_diffusion_training, sample_posterior, write_release
 
 # The V5.1 InP transformer, shrunk: every block an MMDiT block (the 12B layout: its own text-stream
 # weights), 2 heads of the released width 64, 2x2 patches as released (4 x 4 tokens per latent frame of
@@ -333,26 +332,15 @@ def flow_scheduler_config(shift: float = 1.0) -> dict:
 
 def export_v51_release(folder, transformer_state: dict, transformer_config: dict, vae_source, text_source) -> Path:
     """Write a V5.1 release folder: transformer/ (fp16), vae/, text_encoder/, tokenizer/, scheduler/."""
-    folder = Path(folder)
     config = {"_class_name": "EasyAnimateTransformer3DModel", **transformer_config}
-    save_weights(folder / "transformer", transformer_state, config, dtype=torch.float16)
-    for sub, source in (("vae", subfolder_or_self(vae_source, "vae")),
-                        ("text_encoder", Path(text_source) / "text_encoder"),
-                        ("tokenizer", Path(text_source) / "tokenizer")):
-        if (folder / sub).resolve() != source.resolve():
-            shutil.rmtree(folder / sub, ignore_errors=True)
-            shutil.copytree(source, folder / sub)
-    (folder / "scheduler").mkdir(parents=True, exist_ok=True)
-    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(flow_scheduler_config(), indent=2) + "\n")
-    (folder / "model_index.json").write_text(json.dumps({
+    return write_release(folder, transformer_state, config, vae_source, text_source, flow_scheduler_config(), {
         "_class_name": "EasyAnimateInpaintPipeline", "_comment": "EasyAnimate V5.1 InP layout, demo size",
         "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
         "text_encoder": ["transformers", "Qwen2VLForConditionalGeneration"],
         "tokenizer": ["transformers", "Qwen2Tokenizer"],
         "transformer": ["easyanimate", "EasyAnimateTransformer3DModel"],
         "vae": ["easyanimate", "AutoencoderKLMagvit"],
-    }, indent=2) + "\n")
-    return folder
+    })
 
 
 def export_v51_checkpoint(run, vae_source, text_source, folder=None, weights: str = "ema") -> Path:

@@ -347,22 +347,12 @@ def _setup_options(args, setup: dict | None = None) -> list[str]:
             "x".join(map(str, setup["size"])), "--text-tokens", str(setup["text_tokens"])] + (["--smoke"] if args.smoke else [])
 
 
-def parse_size(text: str) -> tuple[int, int]:
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--size takes HEIGHTxWIDTH in pixels, e.g. 480x720; got {text!r}") from None
-    if h % 16 or w % 16:
-        raise argparse.ArgumentTypeError(f"--size {text}: height and width must be multiples of 16")
-    return h, w
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny widths and sizes (seconds)")
     parser.add_argument("--blocks", type=int, default=None, help="transformer blocks (default 4; smoke 2)")
     parser.add_argument("--frames", type=int, default=None, help="video frames, 1 + 4k (default 25; smoke 5)")
-    parser.add_argument("--size", type=parse_size, default=None, help="HxW pixels (default 480x720; smoke 64x96)")
+    parser.add_argument("--size", type=reference_compare.size_argument(16, "480x720"), default=None, help="HxW pixels (default 480x720; smoke 64x96)")
     parser.add_argument("--text-tokens", type=int, default=None, help="text tokens (default 256; smoke 8)")
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
                         help="our runs (default fp32 bf16)")

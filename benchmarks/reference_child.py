@@ -87,6 +87,23 @@ def dit(args) -> dict:
     }
 
 
+def timed_decode(torch, model, z, warm: int):
+    """A diffusers-style VAE's `decode(z).sample`, after a warm-up on the first `warm` latents (kernels per shape,
+    thread pools: not decode memory) and with freed heap given back: (out, VmRSS before in KiB, whether the peak
+    counter was reset, seconds, VmHWM in KiB, other processes' cores)."""
+    with torch.no_grad():
+        model.decode(z[:, :, :warm]).sample
+        gc.collect()
+        _release_freed_memory()
+        before = status_kib("VmRSS")
+        reset = reset_peak()
+        load, start = OtherLoad(), time.perf_counter()
+        out = model.decode(z).sample
+        seconds, other = time.perf_counter() - start, load.cores()
+        peak = status_kib("VmHWM")
+    return out, before, reset, seconds, peak, other
+
+
 def vae(args) -> dict:
     torch, base = _load_common(args)
     from safetensors.torch import load_file, save_file
@@ -97,16 +114,7 @@ def vae(args) -> dict:
     model.eval().requires_grad_(False)
     data = load_file(str(args.latents))
     z = data["latents"] * (1 / model.config.scaling_factor)
-    with torch.no_grad():
-        model.decode(z[:, :, : int(data["warm"])]).sample  # kernels per shape, thread pools: not decode memory
-        gc.collect()
-        _release_freed_memory()
-        before = status_kib("VmRSS")
-        reset = reset_peak()
-        load, start = OtherLoad(), time.perf_counter()
-        out = model.decode(z).sample
-        seconds = time.perf_counter() - start
-        peak, other = status_kib("VmHWM"), load.cores()
+    out, before, reset, seconds, peak, other = timed_decode(torch, model, z, int(data["warm"]))
     output_bytes = out.numel() * out.element_size()
     save_file({"out": out.contiguous()}, str(args.out))
     return {
@@ -139,16 +147,7 @@ def vae5(args) -> dict:
     model.eval().requires_grad_(False)
     data = load_file(str(args.latents))
     z = data["latents"] * (1 / model.config.scaling_factor)
-    with torch.no_grad():
-        model.decode(z[:, :, : int(data["warm"])]).sample  # kernels per shape, thread pools: not decode memory
-        gc.collect()
-        _release_freed_memory()
-        before = status_kib("VmRSS")
-        reset = reset_peak()
-        load, start = OtherLoad(), time.perf_counter()
-        out = model.decode(z).sample
-        seconds, other = time.perf_counter() - start, load.cores()
-        peak = status_kib("VmHWM")
+    out, before, reset, seconds, peak, other = timed_decode(torch, model, z, int(data["warm"]))
     output_bytes = out.numel() * out.element_size()
     save_file({"out": out.contiguous()}, str(args.out))
     return {

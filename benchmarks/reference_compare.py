@@ -123,6 +123,23 @@ def reference_command(args, *child_args) -> list[str]:
             *map(str, child_args)]
 
 
+def size_argument(multiple: int, example: str):
+    """An argparse type for --size HEIGHTxWIDTH in pixels, both multiples of `multiple` (`example`: e.g. 480x720)."""
+    import argparse
+
+    def parse(text: str) -> tuple[int, int]:
+        try:
+            h, w = (int(v) for v in text.lower().split("x"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"--size takes HEIGHTxWIDTH in pixels, e.g. {example}; got {text!r}") from None
+        if h % multiple or w % multiple:
+            raise argparse.ArgumentTypeError(f"--size {text}: height and width must be multiples of {multiple}")
+        return h, w
+
+    return parse
+
+
 def load_average() -> float:
     return float(Path("/proc/loadavg").read_text().split()[0])
 

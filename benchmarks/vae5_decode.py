@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -205,20 +204,10 @@ def table(results: list[dict], args) -> str:
     return "\n".join(lines)
 
 
-def parse_size(text: str) -> tuple[int, int]:
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--size takes HEIGHTxWIDTH in pixels, e.g. 128x128; got {text!r}") from None
-    if h % 8 or w % 8:
-        raise argparse.ArgumentTypeError(f"--size {text}: height and width must be multiples of 8")
-    return h, w
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny widths and sizes (seconds)")
-    parser.add_argument("--size", type=parse_size, default=None, help="HxW pixels (default 128x128; smoke 32x32)")
+    parser.add_argument("--size", type=reference_compare.size_argument(8, "128x128"), default=None, help="HxW pixels (default 128x128; smoke 32x32)")
     parser.add_argument("--frames", type=int, nargs="+", default=None,
                         help="video lengths, 1 + 4k each (default 25 49 97; smoke 5 13)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default 2; smoke 1)")

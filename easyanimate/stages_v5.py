@@ -191,16 +191,13 @@ class MMDiTStages:
                                   request.start_images, request.end_images, request.video)
         video_latents = encode(cond.video * 2 - 1) if request.strength < 1 else None
         if noise is None:
-            noise = torch.randn(shape, generator=generator, device=generator.device, dtype=dtype)
+            noise = self.start_noise(request, batch, generator)
         noise = noise.to(device, dtype)
         latents = start_latents(sampler, noise, start,
                                 video_latents.to(device, dtype).expand(shape) if video_latents is not None else None)
 
-        inpaint = control = None
-        if self.inpaint_model:
-            inpaint = self._inpaint_latents(cond, request, generator, noise_aug_strength, encode).to(device, dtype)
-        elif self.control_model or self.camera_model:
-            control = self._control_latents(request, encode).to(device, dtype)
+        inpaint, control = self.conditioning_latents(request, cond, generator, encode, noise_aug_strength)
+        inpaint, control = (None if t is None else t.to(device, dtype) for t in (inpaint, control))
         guided = request.guided
         text = torch.cat([negative.embeds, positive.embeds]) if guided else positive.embeds
         mask = torch.cat([negative.mask, positive.mask]) if guided else positive.mask
@@ -217,6 +214,23 @@ class MMDiTStages:
         memory = transformer.activation_bytes(rows, *shape[2:], tokens)
         return Denoising(sampler, start, latents, inputs, request.guidance_scale, generator, vae.latent_channels, memory,
                          teacache=request.teacache)
+
+    def start_noise(self, request: VideoRequest, batch: int, generator: torch.Generator) -> torch.Tensor:
+        """The start noise of `batch` videos: the first draw from the run's generator."""
+        return torch.randn(self.latent_shape(request, batch), generator=generator, device=generator.device,
+                           dtype=self.transformer.dtype)
+
+    def conditioning_latents(self, request: VideoRequest, cond, generator: torch.Generator, encode,
+                             noise_aug_strength: float = NOISE_AUG_STRENGTH):
+        """(inpaint, control): the channels the model's input width calls for, for one video (batch 1), each
+        None when the model takes none. `cond` is the request's `conditioning_video`; `encode(pixels in
+        [-1, 1])` gives scaled latents (the posterior mode); an inpainting model's noise on the known pixels is
+        drawn from `generator`, which has drawn the start noise before (the reference's order)."""
+        if self.inpaint_model:
+            return self._inpaint_latents(cond, request, generator, noise_aug_strength, encode), None
+        if self.control_model or self.camera_model:
+            return None, self._control_latents(request, encode)
+        return None, None
 
     def _inpaint_latents(self, cond, request, generator, noise_aug_strength, encode) -> torch.Tensor:
         """[mask 1 | masked video 16] of an inpainting model, for one video (batch 1)."""

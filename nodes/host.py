@@ -14,7 +14,7 @@ placement with a memory estimate, progress and cancel, model folders, precision)
   `EASYANIMATE_MEMORY_MODE` / `EASYANIMATE_MEMORY_BUDGET_MB` and models under `$EASYANIMATE_MODELS_DIR`.
 
 This is the only module of the pack that imports `comfy` or `folder_paths` (only in `ComfyHost`), besides
-`native.py`, the native route's model, which ComfyHost builds for each V1-V3 transformer it wraps.
+`native.py`, the native route's model, which ComfyHost builds for each transformer it wraps.
 """
 from __future__ import annotations
 
@@ -144,7 +144,7 @@ class ComfyHost:
         if kind == "transformer":
             from . import native
 
-            model = native.native_model(module)  # V1-V3: a ComfyUI MODEL around it, shared by both routes
+            model = native.native_model(module)  # a ComfyUI MODEL around it, shared by both routes
             if model is not None:
                 module.attention_function = native.comfy_attention  # ComfyUI's attention backends
                 patcher = self._patcher_module.ModelPatcher(model, load_device=load, offload_device=offload)

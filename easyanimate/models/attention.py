@@ -46,6 +46,11 @@ def attention_function(fn, *, override: bool = True):
         _ATTENTION_FN.reset(token)
 
 
+def host_attention():
+    """The attention function a host set for the current scope (`attention_function`), or None (SDPA)."""
+    return _ATTENTION_FN.get()
+
+
 @contextmanager
 def query_chunks(rows: int | None):
     """Within the block, attention computes at most `rows` queries at a time (None: all at once)."""

@@ -38,8 +38,10 @@ from einops import rearrange
 from ..errors import EasyAnimateError
 from ..memory import release_freed_memory
 from ..teacache import active_run as active_teacache
-from .attention import _FEED_FORWARD_BYTES, FeedForward, GELUProjection, apply_layer_norm, make_layer_norm
+from .attention import _FEED_FORWARD_BYTES, FeedForward, GELUProjection, apply_layer_norm, attention_function, \
+    host_attention, make_layer_norm
 from .embeddings import MLPEmbedder, timestep_sinusoid
+from .transformer import active_block_replacements
 
 FAMILIES = ("v5", "v51")
 FAMILY_NAMES = {"v5": "V5", "v51": "V5.1"}
@@ -418,9 +420,8 @@ class MMDiTBlock(nn.Module):
                 video_part = apply_rope(video_part, cos, sin)
             joint.append(torch.cat([text_layer.project(which, text), video_part], dim=1).transpose(1, 2))
             del video_part
-        out = F.scaled_dot_product_attention(*joint)
+        out = joint_attention(*joint)
         del joint
-        out = out.transpose(1, 2).flatten(2)
         s = text.shape[1]
         return self.attn1.to_out[0](out[:, s:]), text_layer.to_out[0](out[:, :s])
 
@@ -452,9 +453,8 @@ class MMDiTBlock(nn.Module):
         if video.device.type == "cpu":
             # the chunks' temporaries are small enough for the C heap, which would keep them through the peak
             release_freed_memory()
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = joint_attention(q, k, v)  # (B, S + N, dim)
         del q, k, v
-        out = out.transpose(1, 2).flatten(2)  # (B, S + N, dim); a view where the kernel wrote (B, S + N, heads, d)
         text = text + text_gate * text_layer.to_out[0](out[:, :s])
         part = self.attn1.to_out[0](out[:, s:]).mul_(gate)
         del out
@@ -472,6 +472,17 @@ class MMDiTBlock(nn.Module):
             rows.add_(_feed_forward_in_place(self.ff, normed).mul_(gate))
             del normed
         return video, text
+
+
+def joint_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Unmasked attention over the joint sequence: q, k, v (B, heads, S + N, head_dim) -> (B, S + N, dim).
+    A host's attention function (`attention.attention_function`; inside ComfyUI its attention backends)
+    when a scope set one, else SDPA (whose output transposed is a view where the kernel wrote
+    (B, S + N, heads, head_dim))."""
+    host = host_attention()
+    if host is not None:
+        return host(q, k, v, q.shape[1], None)
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
 
 
 def _feed_forward_in_place(ff: FeedForward, x: torch.Tensor) -> torch.Tensor:
@@ -523,6 +534,8 @@ class EasyAnimateMMDiT(nn.Module):
             f"transformer_blocks.{i}.{theirs}": f"transformer_blocks.{i}.{ours}"
             for i in range(cfg.mmdit_layers) for theirs, ours in DIFFUSERS_TEXT_STREAM.items()
         }
+        # A host's attention (see `attention.attention_function`), used unless a caller's scope sets one.
+        self.attention_function = None
 
     def activation_bytes(self, batch: int, frames: int, height: int, width: int, text_tokens: int) -> int:
         """Estimated peak activation memory of one forward on latents (batch, C, frames, height, width) with
@@ -583,8 +596,15 @@ class EasyAnimateMMDiT(nn.Module):
         if cache is not None and not cache.should_compute(self.transformer_blocks[0].norm1, video, text, temb):
             video = cache.reuse(video)  # norm_out's output, from the residual of the last computed call
         else:
-            for block in self.transformer_blocks:
-                video, text = block(video, text, temb, rope)
+            # A host's block patches (`transformer.block_replacements`; ComfyUI's "double_block" patches):
+            # block i runs as replacements[i](video, text, temb, rope, original) -> (video, text).
+            replacements = active_block_replacements()
+            with attention_function(self.attention_function, override=False):
+                for index, block in enumerate(self.transformer_blocks):
+                    if index in replacements:
+                        video, text = replacements[index](video, text, temb, rope, block)
+                    else:
+                        video, text = block(video, text, temb, rope)
             # The reference normalises [text; video] and drops the text: LayerNorm is per token, so only the video.
             video = self.norm_out(self.norm_final(video), temb)
             if cache is not None:

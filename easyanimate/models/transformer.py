@@ -50,12 +50,19 @@ def block_replacements(replacements: dict | None):
     """Within the block, DiT block i runs as `replacements[i](tokens, context, t6, original)` where
     `original(tokens, context, t6)` runs the block itself (tokens (B, F*h*w, D), context the text (+ CLIP)
     tokens, t6 the block modulation): a host's block-level patches (ComfyUI's `patches_replace`). The
-    U-ViT skips around the blocks stay as they are."""
+    U-ViT skips around the blocks stay as they are. V5/V5.1 MMDiT blocks are joint (two streams) and run as
+    `replacements[i](video, text, temb, rope, original) -> (video, text)`, `original(video, text, temb, rope)`."""
     token = _BLOCK_REPLACEMENTS.set(replacements or None)
     try:
         yield
     finally:
         _BLOCK_REPLACEMENTS.reset(token)
+
+
+def active_block_replacements() -> dict:
+    """The block replacements of the current scope ({} outside any); the V5/V5.1 MMDiT reads them too, with
+    its own call form (see `EasyAnimateMMDiT.forward`)."""
+    return _BLOCK_REPLACEMENTS.get() or {}
 
 
 def family_preset(family: str) -> dict:
@@ -360,7 +367,7 @@ class EasyAnimateTransformer3D(nn.Module):
 
         del x, inpaint_latents
         skips = []
-        replacements = _BLOCK_REPLACEMENTS.get() or {}
+        replacements = active_block_replacements()
         for index, block in enumerate(self.transformer_blocks):
             if cfg.enable_uvit and index >= UVIT_FIRST_POP:
                 tokens = tokens + self.long_connect_fc[index - UVIT_FIRST_POP](skips.pop())

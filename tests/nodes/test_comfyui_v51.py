@@ -51,6 +51,8 @@ def loads_of(module):
 
 model, vae, text_encoder = N["LoadEasyAnimate"]().load("EasyAnimateV5.1-tiny-InP", "fp32")
 transformer = model.transformer.module
+held = model.transformer.patcher.model  # what ComfyUI loads: the native route's model around it
+assert held.diffusion_model is transformer
 encode, sample = N["EasyAnimateV5TextEncode"]().encode, N["EasyAnimateSampler"]().sample
 
 # 1. The text encoder: placed with its estimate, off the compute device right after, not loaded for the same prompts.
@@ -70,11 +72,11 @@ print("text encoder: placed with its estimate (%d bytes), unloaded after encodin
 tokens = embeds.positive.embeds.shape[1]
 print("tiny V5.1 transformer, estimate per request (frames, width x height -> latent shape: bytes):")
 for frames, height, width in ((5, 32, 32), (9, 32, 64), (13, 64, 48)):
-    before = len(loads_of(transformer))
+    before = len(loads_of(held))
     sample(model, embeds, vae, width, height, frames, 3, 1, 6.0, "auto", 1.0)
     latent = ((frames - 1) // 4 + 1, height // 8, width // 8)
     expected = transformer.activation_bytes(2, *latent, tokens)
-    assert loads_of(transformer)[before:] == [(expected, False)], (loads_of(transformer)[before:], expected)
+    assert loads_of(held)[before:] == [(expected, False)], (loads_of(held)[before:], expected)
     print("  %2d frames, %dx%d -> %s: %d" % (frames, width, height, latent, expected))
 
 # 3. ComfyUI's lowvram path: every castable layer cast per call; the same embeddings and latents as a full load.
@@ -94,7 +96,7 @@ assert loads_of(holder)[-1][1], "the text encoder was not loaded on the lowvram 
 assert torch.equal(low_text.positive.embeds, expected_text.embeds), "lowvram text encoding differs"
 assert torch.equal(low_text.negative.embeds, expected_text.negative_embeds)
 low = run()
-assert loads_of(transformer)[-1][1], "the transformer was not loaded on the lowvram path"
+assert loads_of(held)[-1][1], "the transformer was not loaded on the lowvram path"
 err = ((low - full).abs().max() / full.abs().max()).item()
 print("lowvram: text encoder %d layers and transformer %d layers cast per call; latents vs full load rel %.2e" % (
     sum(hasattr(m, "comfy_cast_weights") for m in encoder.model.modules()),

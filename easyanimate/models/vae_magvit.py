@@ -113,11 +113,21 @@ _SLOW_PATH_LIMIT = 20480
 
 def _conv(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """conv(x); on a CPU, through oneDNN also for the small inputs torch's heuristic would not give it."""
-    if (type(conv) is nn.Conv3d and x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[0] == 1
-            and x.shape[1] * x.shape[2] * x.shape[3] <= _SLOW_PATH_LIMIT and torch.backends.mkldnn.is_available()
-            and torch.backends.mkldnn.enabled and conv.padding_mode == "zeros"):
-        return torch.mkldnn_convolution(x, conv.weight, conv.bias, conv.padding, conv.stride, conv.dilation, conv.groups)
+    if type(conv) is nn.Conv3d and conv.padding_mode == "zeros":
+        return conv3d(x, conv.weight, conv.bias, conv.padding, conv.stride, conv.dilation, conv.groups)
     return conv(x)
+
+
+def conv3d(x, weight, bias, padding=0, stride=1, dilation=1, groups=1, onednn=False) -> torch.Tensor:
+    """`F.conv3d`, on a CPU through oneDNN also for the small inputs torch's heuristic would not give it
+    (and for any float32 input of one sample with `onednn`: views such as a window of a padded tensor,
+    which torch's heuristic does not give it either)."""
+    if (x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[0] == 1
+            and (onednn or x.shape[1] * x.shape[2] * x.shape[3] <= _SLOW_PATH_LIMIT)
+            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+        triple = lambda v: (v,) * 3 if isinstance(v, int) else tuple(v)  # noqa: E731
+        return torch.mkldnn_convolution(x, weight, bias, triple(padding), triple(stride), triple(dilation), groups)
+    return F.conv3d(x, weight, bias, stride, padding, dilation, groups)
 
 
 def _in_place_ok(x: torch.Tensor) -> bool:

@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .vae_magvit import (
-    DOWN_BLOCK_DOWNSAMPLE, GROUP_NORM_EPS, UP_BLOCK_UPSAMPLE, DiagonalGaussian, _conv, _in_place_ok, silu_,
+    DOWN_BLOCK_DOWNSAMPLE, GROUP_NORM_EPS, UP_BLOCK_UPSAMPLE, DiagonalGaussian, _conv, _in_place_ok, conv3d, silu_,
 )
 
 __all__ = ["MagvitV5Config", "MagvitV5VAE", "StreamCache", "DiagonalGaussian", "UNUSED_ATTENTION_KEYS"]
@@ -95,7 +95,8 @@ class MagvitV5Config:
             widest = rev[0] * area * frames
             for i, kind in enumerate(up):
                 cin = rev[max(i - 1, 0)]
-                convs += [(cin, area, 2)] + [(rev[i], area, 2)] * (2 * (layers + 1) - 1)
+                after_doubling = i > 0 and up[i - 1] == "spatiotemporal"  # see `ResidualBlock.doubled_frames`
+                convs += [(cin, area, 1 if after_doubling else 2)] + [(rev[i], area, 2)] * (2 * (layers + 1) - 1)
                 widest = max(widest, cin * area * frames)
                 if i < len(rev) - 1:
                     convs.append((rev[i], area, 2))  # the upsampler caches its input before the doubling
@@ -194,7 +195,7 @@ def causal_conv(conv: nn.Module, box: list, cache: StreamCache, norm: nn.Module 
     with `norm` to SiLU(per-frame GroupNorm(x)), the residual blocks' pre-activation, which is computed
     straight into the padded input (no separate normalised copy), or with `upsample` to x doubled in
     height and width (nearest), the upsamplers' input: the padded input is built and cached at the small
-    size and doubled just before the convolution (nearest copies values, so the numbers are the same).
+    size and never doubled (`upsampled_conv`).
 
     The first call of a stream repeats the first frame twice in front (replicate padding); later calls
     put the frames the previous call left in the cache in front instead: the last two for stride 1, the
@@ -207,6 +208,8 @@ def causal_conv(conv: nn.Module, box: list, cache: StreamCache, norm: nn.Module 
     # the norm's statistics before the padded input exists (their temporary is not held with it)
     affine = frame_group_affine(norm, x) if norm is not None else None
     previous = cache.take(conv)
+    if not upsample and _convolves_apart(conv, x, previous):
+        return _next_frame_conv(conv, x, previous, cache, norm, affine)
     lead = KERNEL_FRAMES - 1 if previous is None else previous.shape[2]
     full = _empty_like_frames(x, lead + x.shape[2])
     body = full[:, :, lead:]
@@ -226,9 +229,119 @@ def causal_conv(conv: nn.Module, box: list, cache: StreamCache, norm: nn.Module 
     else:
         cache.keep(conv, tail.clone(memory_format=_format_of(full)))
     del previous, tail
-    if upsample:
-        full = F.interpolate(full, scale_factor=(1, 2, 2), mode="nearest")
-    return _conv(conv, full)
+    return upsampled_conv(conv, full) if upsample else _conv(conv, full)
+
+
+def _convolves_apart(conv: nn.Module, x: torch.Tensor, previous) -> bool:
+    """Whether `_next_frame_conv` takes this call: one frame after two cached ones, stride 1, inference, a
+    plain convolution, and a frame at least as large as the weight (where moving frames costs more than
+    slicing the weight)."""
+    return (previous is not None and previous.shape[2] == KERNEL_FRAMES - 1 and x.shape[2] == 1
+            and tuple(conv.stride) == (1, 1, 1) and type(conv) is nn.Conv3d and conv.padding_mode == "zeros"
+            and not torch.is_grad_enabled() and x[0].numel() >= conv.weight.numel())
+
+
+def _next_frame_conv(conv, x, previous, cache, norm, affine) -> torch.Tensor:
+    """`causal_conv` for one frame after two cached ones (the decoder's frame-by-frame part) without building
+    the 3-frame input: the cached frames convolved with the first two time taps, the new frame with the
+    last, the two summed. The cache's own buffer then takes the new window's last two frames in place (one
+    frame moved, the new one normalised straight into it). The same numbers up to float rounding."""
+    weight = conv.weight
+    out = conv3d(previous, weight[:, :, : KERNEL_FRAMES - 1], conv.bias, conv.padding)
+    previous[:, :, :1].copy_(previous[:, :, 1:])
+    new = previous[:, :, 1:]
+    if norm is None:
+        new.copy_(x)
+    else:
+        silu_(frame_group_norm(norm, x, out=new, affine=affine))
+    del x
+    cache.keep(conv, previous)
+    return out.add_(conv3d(new, weight[:, :, KERNEL_FRAMES - 1 :], None, conv.padding))
+
+
+def upsampled_conv(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`conv` (3x3 in space, padding 1) applied to x doubled in height and width (nearest), computed from x.
+
+    In a nearest-doubled image an output pixel's 3x3 window covers only 2x2 distinct input pixels, and
+    which two rows (columns) depends on its row (column) parity: an even row sees input rows i-1, i, i
+    (taps w0 | w1 + w2 over rows i-1, i), an odd row i, i, i+1 (taps w0 + w1 | w2 over rows i, i+1). So
+    each of the four output phases is a 2x2 convolution of x with summed taps: 4 x 2 x 2 = 16 spatial
+    taps per input pixel instead of 9 x 4 = 36 on the doubled image, which is never built. The same
+    numbers up to float rounding (the summed taps). Other layer classes (a host's casting layers) and
+    other geometries take the plain path: double, then convolve.
+    """
+    if not (type(conv) is nn.Conv3d and conv.padding_mode == "zeros" and conv.groups == 1
+            and tuple(conv.padding) == (0, 1, 1) and tuple(conv.stride) == (1, 1, 1)
+            and tuple(conv.dilation) == (1, 1, 1) and tuple(conv.kernel_size) == (3, 3, 3)):
+        return _conv(conv, F.interpolate(x, scale_factor=(1, 2, 2), mode="nearest"))
+    b, _, t, h, w = x.shape
+    padded = F.pad(x, (1, 1, 1, 1))
+    out = torch.empty((b, conv.out_channels, t - (KERNEL_FRAMES - 1), 2 * h, 2 * w), dtype=x.dtype,
+                      device=x.device, memory_format=_format_of(x))
+    for (row, col), taps in _phase_taps(conv.weight):
+        window = padded[:, :, :, row : row + h + 1, col : col + w + 1]
+        out[:, :, :, row::2, col::2] = conv3d(window, taps, conv.bias, onednn=True)
+    return out
+
+
+def _phase_taps(weight: torch.Tensor):
+    """((row parity, column parity), the (O, I, 3, 2, 2) taps of that output phase) of a (O, I, 3, 3, 3)
+    weight, one phase at a time (two of them in memory at most). Built in channels-last order
+    (O, 3, kh, kw, I), where every summed slab is one contiguous run of O x I values (several times faster
+    than summing the innermost 3-tap rows), and given as channels-last views, the layout oneDNN takes."""
+    channels_last = weight.permute(0, 2, 3, 4, 1)
+    for row in (0, 1):
+        rows = _sum_taps(channels_last, dim=2, phase=row)
+        for col in (0, 1):
+            yield (row, col), _sum_taps(rows, dim=3, phase=col).permute(0, 4, 1, 2, 3)
+
+
+def _sum_taps(weight: torch.Tensor, dim: int, phase: int) -> torch.Tensor:
+    """The 3 taps along `dim` summed into the 2 an output of that parity sees: (w0, w1 + w2) for even
+    rows/columns, (w0 + w1, w2) for odd ones (one rounding per sum, in the weight's dtype)."""
+    first, middle, last = weight.unbind(dim)
+    if not _in_place_ok(weight):  # training: out-of-place, for autograd
+        return torch.stack((first, middle + last) if phase == 0 else (first + middle, last), dim)
+    shape = list(weight.shape)
+    shape[dim] = 2
+    out = weight.new_empty(shape)
+    near, far = out.unbind(dim)
+    if phase == 0:
+        near.copy_(first)
+        torch.add(middle, last, out=far)
+    else:
+        torch.add(first, middle, out=near)
+        far.copy_(last)
+    return out
+
+
+def doubled_causal_conv(conv: nn.Module, box: list, cache: StreamCache, norm: nn.Module, doubled: bool) -> list:
+    """`causal_conv(conv, ..., norm=norm)` over a frame f that a temporal upsampler put in the stream twice
+    in a row (`doubled`), or once (the stream's first frame), given once: the outputs of those 1 or 2
+    frames. Inference only (`ResidualBlock.takes_doubled_frames`).
+
+    With g the distinct frame before f (itself twice in the stream, or the stream's first frame, which the
+    replicate padding repeats), the 3-frame windows of the two copies of f are (g, g, f) and (g, f, f): each
+    output is a 2-frame convolution of (g, f), with taps (w0 + w1 | w2) and (w0 | w1 + w2). Two thirds of
+    the multiplications, and the cache keeps one frame (g) instead of two. The stream's first frame sees
+    (f, f, f): the first taps over (f, f). The same numbers up to float rounding (the summed taps).
+    """
+    x = box.pop()
+    pair = _empty_like_frames(x, 2)
+    new = pair[:, :, 1:]
+    silu_(frame_group_norm(norm, x, out=new))
+    del x
+    previous = cache.take(conv)
+    pair[:, :, :1].copy_(new if previous is None else previous)
+    if previous is not None and previous.shape == new.shape:
+        cache.keep(conv, previous.copy_(new))
+    else:
+        cache.keep(conv, new.clone(memory_format=_format_of(pair)))
+    del previous, new
+    weight = conv.weight.permute(0, 2, 3, 4, 1)  # channels-last order: (O, time, kh, kw, I)
+    phases = (1, 0) if doubled else (1,)  # _sum_taps: phase 1 = (w0 + w1 | w2), phase 0 = (w0 | w1 + w2)
+    return [conv3d(pair, _sum_taps(weight, dim=1, phase=phase).permute(0, 4, 1, 2, 3), conv.bias, conv.padding)
+            for phase in phases]
 
 
 def frame_group_norm(norm: nn.Module, x: torch.Tensor, out: torch.Tensor | None = None, affine=None) -> torch.Tensor:
@@ -320,6 +433,23 @@ class ResidualBlock(nn.Module):
         h = causal_conv(self.conv2, [h], cache, norm=self.norm2)
         return h.add_(residual) if _in_place_ok(h) else h + residual
 
+    def takes_doubled_frames(self) -> bool:
+        """Whether `doubled_frames` can run this block (inference, plain layers; a stream keeps one mode)."""
+        return not torch.is_grad_enabled() and type(self.conv1) is nn.Conv3d and self.conv1.padding_mode == "zeros"
+
+    def doubled_frames(self, box: list, cache: StreamCache, doubled: bool):
+        """The block's output frames, one at a time, for the frame in `box` (taken out) standing for itself
+        twice in a row (`doubled`) or once: the first block after a temporal upsampler. The shortcut and the
+        first normalisation run once for both copies, the first convolution as `doubled_causal_conv`."""
+        x = box[-1]
+        residual = x if self.shortcut is None else _conv(self.shortcut, x)
+        del x
+        outputs = doubled_causal_conv(self.conv1, box, cache, self.norm1, doubled)
+        while outputs:
+            h = causal_conv(self.conv2, [outputs.pop(0)], cache, norm=self.norm2)
+            yield h.add_(residual)
+            del h
+
 
 class Downsampler(nn.Module):
     """Halves H and W (and T when `temporal`): zero padding of one pixel right and bottom, then a strided
@@ -356,12 +486,17 @@ class Upsampler(nn.Module):
         if not self.temporal:
             yield x
             return
-        first = cache.begin(self)
-        for i in range(x.shape[2]):
+        for i, doubled in enumerate(self.doubling(x.shape[2], cache)):
             frame = x[:, :, i : i + 1]
             yield frame
-            if not (first and i == 0):
+            if doubled:
                 yield frame
+
+    def doubling(self, frames: int, cache: StreamCache) -> list[bool]:
+        """For each of the `frames` frames of the convolution's output, whether the output holds it twice:
+        every frame but the stream's first."""
+        first = cache.begin(self)
+        return [not (first and i == 0) for i in range(frames)]
 
 
 class MidBlock(nn.Module):
@@ -392,6 +527,18 @@ def _run_frame_by_frame(steps: list, box: list, cache: StreamCache, out: list) -
     steps after it one by one (recursively: a later upsampler splits again); results are appended to `out`."""
     for i, step in enumerate(steps):
         if isinstance(step, Upsampler) and step.temporal:
+            following = steps[i + 1] if i + 1 < len(steps) else None
+            if isinstance(following, ResidualBlock) and following.takes_doubled_frames():
+                x = causal_conv(step.conv, box, cache, upsample=True)
+                doubling = step.doubling(x.shape[2], cache)
+                frames = list(x.split(1, dim=2))
+                del x
+                for doubled in doubling:
+                    # the frame is freed once the block has normalised it (nothing else holds it)
+                    for output in following.doubled_frames([frames.pop(0)], cache, doubled):
+                        _run_frame_by_frame(steps[i + 2 :], [output], cache, out)
+                        del output
+                return
             for frame in step.frames(box, cache):
                 _run_frame_by_frame(steps[i + 1 :], [frame], cache, out)
             return

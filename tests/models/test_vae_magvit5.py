@@ -15,7 +15,10 @@ from safetensors.torch import save_file
 from easyanimate.errors import CheckpointMismatchError, EasyAnimateError, UnsupportedModelError
 from easyanimate.frames import FrameCountError
 from easyanimate.models.vae_magvit import DiagonalGaussian
-from easyanimate.models.vae_magvit5 import UNUSED_ATTENTION_KEYS, MagvitV5Config, StreamCache, causal_conv
+from easyanimate.models import vae_magvit5
+from easyanimate.models.vae_magvit5 import (
+    UNUSED_ATTENTION_KEYS, MagvitV5Config, StreamCache, causal_conv, upsampled_conv,
+)
 from easyanimate.vae import Tiling, build_vae, family_defaults, load_vae
 
 TINY = {"block_out_channels": [8, 8, 16, 16], "norm_num_groups": 4}
@@ -64,6 +67,35 @@ def test_streamed_causal_conv_equals_one_causal_conv_over_the_sequence(stride, c
     torch.testing.assert_close(causal_conv(conv, [x[:, :, :1]], StreamCache()), whole[:, :, :1], rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype, layout, batch", [
+    (torch.float64, torch.contiguous_format, 1),
+    (torch.float32, torch.channels_last_3d, 1),
+    (torch.float32, torch.contiguous_format, 2),
+])
+def test_upsampled_conv_equals_convolving_the_doubled_image(dtype, layout, batch):
+    """The upsamplers' convolution computed from the small image (four 2x2 phase convolutions with
+    summed taps) equals the reference's: nearest x2 in space, then the 3x3x3 convolution; values and
+    gradients, on a non-square image whose borders exercise the zero padding of every phase."""
+    torch.manual_seed(2)
+    conv = nn.Conv3d(6, 5, 3, padding=(0, 1, 1)).to(dtype)
+    x = torch.randn(batch, 6, 4, 5, 7, dtype=dtype).contiguous(memory_format=layout).requires_grad_()
+    reference = conv(nn.functional.interpolate(x, scale_factor=(1, 2, 2), mode="nearest"))
+    ours = upsampled_conv(conv, x)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(ours, reference, rtol=0, atol=tol * reference.abs().max().item())
+    grad = torch.randn_like(reference)
+    expected = torch.autograd.grad(reference, [x, conv.weight], grad)
+    got = torch.autograd.grad(ours, [x, conv.weight], grad)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=0, atol=tol * e.abs().max().item())
+    # the small image is never doubled: a layer class this path does not know takes the plain one
+    class Other(nn.Conv3d):
+        pass
+    other = Other(6, 5, 3, padding=(0, 1, 1)).to(dtype)
+    other.load_state_dict(conv.state_dict())
+    torch.testing.assert_close(upsampled_conv(other, x), reference, rtol=0, atol=tol * reference.abs().max().item())
+
+
 @torch.no_grad()
 def test_streamed_decode_equals_one_shot_decode_of_the_whole_sequence(v5):
     z = _latents(5, seed=2)
@@ -83,6 +115,32 @@ def test_streamed_decode_equals_one_shot_decode_of_the_whole_sequence(v5):
     assert torch.equal(v5.decode(changed)[:, :, :9], streamed[:, :, :9])
     # the cache is cleared between calls: decoding again gives the same frames
     assert torch.equal(v5.decode(z), streamed)
+
+
+def test_doubled_frames_path_equals_the_plain_stream(v5, monkeypatch):
+    """Inference runs the first block after each temporal upsampler once per distinct frame (2-frame taps
+    for the two copies, `doubled_causal_conv`) and convolves a frame after two cached ones apart from them
+    (`_next_frame_conv`); with autograd on, every frame copy goes through the plain causal convolutions.
+    Both give the same frames, latent by latent and in one call."""
+    calls, apart = [], []
+    original, next_frame = vae_magvit5.doubled_causal_conv, vae_magvit5._next_frame_conv
+    monkeypatch.setattr(vae_magvit5, "doubled_causal_conv", lambda *a: calls.append(a[-1]) or original(*a))
+    monkeypatch.setattr(vae_magvit5, "_next_frame_conv", lambda *a: apart.append(1) or next_frame(*a))
+    z = _latents(4, seed=3)
+    for chunks in ([1, 1, 1, 1], [1, 3]):
+        outputs = []
+        for grad in (False, True):
+            cache, parts, start = StreamCache(), [], 0
+            with torch.set_grad_enabled(grad):
+                for n in chunks:
+                    parts.append(v5.model.decode_chunk(v5._compute(z[:, :, start : start + n]), cache).detach())
+                    start += n
+            outputs.append(torch.cat(parts, 2))
+        torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=1e-5)
+    # per inference run, two temporal upsamplers: 4 latents -> 4 distinct frames after the first (1 + 3 doubled),
+    # 7 after the second (1 + 6 doubled); the stream's first frame is never doubled
+    assert calls.count(False) == 2 * 2 and calls.count(True) == 2 * (3 + 2 * 3)
+    assert apart  # and one frame after two cached ones convolved apart (`_next_frame_conv`)
 
 
 @torch.no_grad()

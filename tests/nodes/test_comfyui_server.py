@@ -5,6 +5,10 @@ requirements, default: the current one); skipped with the reason printed otherwi
 fresh base directory with the pack linked into custom_nodes/, tiny models in the release layout under
 models/easyanimate and models/loras, an input image and an input video (made by ComfyUI itself), then
 each workflow is queued through `/prompt` and the saved video is opened and measured.
+
+V1-V3 workflows run on a tiny V3 release (or the tiny PixArt base + motion module), V5.1 workflows on tiny V5.1
+releases of the variant their model names (`EasyAnimateV5.1-12b-zh-InP` -> `EasyAnimateV5.1-tiny-InP`, Control,
+Control-Camera), made by `release_v5.make_release_v51`, at V5's frame rule (1 + 4k frames).
 """
 import json
 import os
@@ -23,11 +27,29 @@ from comfyui_script import comfyui_command
 from conftest import ROOT
 from pack_fixtures import write_lora
 from release import make_release, make_v1_release
+from release_v5 import make_release_v51
 
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason="COMFYUI_DIR is not set: no real ComfyUI to run the workflows in")
 
 SIZE, FRAMES, STEPS = 32, 8, 2
+FRAMES_V51 = 9  # V5/V5.1 make 1 + 4k frames
+CONTROL_FRAMES = 12  # the control video: at least as many frames as the video
+# The V5.1 release variants the shipped workflows name (the end of the folder name) -> make_release_v51's variant.
+V51_VARIANTS = {"Control-Camera": "camera", "Control": "control", "InP": "inp"}  # longest suffix first
+
+
+def v51_tiny(model: str) -> str:
+    """The tiny release standing in for a V5.1 release folder name, e.g. EasyAnimateV5.1-12b-zh-Control ->
+    EasyAnimateV5.1-tiny-Control."""
+    suffix = next((s for s in V51_VARIANTS if model.endswith("-" + s)), None)
+    assert suffix is not None, f"no tiny V5.1 release for {model!r}: add its variant to V51_VARIANTS"
+    return f"EasyAnimateV5.1-tiny-{suffix}"
+
+
+def is_v51(graph: dict) -> bool:
+    return any(node["class_type"] == "LoadEasyAnimate" and node["inputs"]["model"].startswith("EasyAnimateV5.1")
+               for node in graph.values())
 
 
 def free_port() -> int:
@@ -81,9 +103,12 @@ def server(tmp_path_factory):
     models = base / "models"
     release = make_release(models / "easyanimate" / "EasyAnimateV3-tiny", "v3")
     make_v1_release(models / "easyanimate" / "PixArt-tiny", models / "easyanimate" / "mm-tiny.safetensors")
+    for suffix, variant in V51_VARIANTS.items():
+        make_release_v51(models / "easyanimate" / f"EasyAnimateV5.1-tiny-{suffix}", variant)
     write_lora(models / "loras" / "style_a.safetensors",
                load_file(str(release / "transformer" / "diffusion_pytorch_model.safetensors")), seed=1)
     (base / "input" / "example.png").write_bytes(png_bytes(48, 40))
+    (base / "input" / "example_end.png").write_bytes(png_bytes(40, 48))  # another picture: the end frame
 
     port = free_port()
     python = os.environ.get("COMFYUI_PYTHON", sys.executable)  # also reads the written videos (PyAV)
@@ -112,6 +137,16 @@ def server(tmp_path_factory):
         })
         made = entry["outputs"]["3"]["images"][0]
         shutil.copy(base / "output" / made["subfolder"] / made["filename"], base / "input" / "input_video.mp4")
+        # A control video (V5.1 Control), longer than the V5.1 videos.
+        entry = run_prompt(url, {
+            "1": {"class_type": "EmptyImage", "inputs": {"width": 48, "height": 40, "batch_size": CONTROL_FRAMES,
+                                                         "color": 16777215}},
+            "2": {"class_type": "CreateVideo", "inputs": {"images": ["1", 0], "fps": 8.0}},
+            "3": {"class_type": "SaveVideo", "inputs": {"video": ["2", 0], "filename_prefix": "control_video",
+                                                        "format": "mp4", "codec": "h264"}},
+        })
+        made = entry["outputs"]["3"]["images"][0]
+        shutil.copy(base / "output" / made["subfolder"] / made["filename"], base / "input" / "control_video.mp4")
         yield url, base, python
     finally:
         process.terminate()
@@ -119,20 +154,26 @@ def server(tmp_path_factory):
 
 
 def tiny(graph: dict) -> dict:
-    """The workflow with the tiny models and small sizes swapped in."""
+    """The workflow with the tiny models and small sizes swapped in (V5.1: a tiny release of the same variant,
+    V5's frame rule)."""
+    frames = FRAMES_V51 if is_v51(graph) else FRAMES
     for node in graph.values():
         inputs, kind = node["inputs"], node["class_type"]
         if kind == "LoadEasyAnimate":
             v1 = inputs.get("motion_module", "none") != "none"
-            inputs.update(model="PixArt-tiny" if v1 else "EasyAnimateV3-tiny", precision="fp32")
+            if inputs["model"].startswith("EasyAnimateV5.1"):
+                inputs["model"] = v51_tiny(inputs["model"])
+            else:
+                inputs["model"] = "PixArt-tiny" if v1 else "EasyAnimateV3-tiny"
+            inputs["precision"] = "fp32"
             if v1:
                 inputs["motion_module"] = "mm-tiny.safetensors"
         elif kind in ("EasyAnimateLoRALoader", "LoraLoaderModelOnly"):
             inputs["lora_name"] = "style_a.safetensors"
         elif kind == "EasyAnimateSampler":
-            inputs.update(width=SIZE, height=SIZE, frames=FRAMES, steps=STEPS)
+            inputs.update(width=SIZE, height=SIZE, frames=frames, steps=STEPS)
         elif kind == "EasyAnimateToVideo":  # the native route's
-            inputs.update(width=SIZE, height=SIZE, frames=FRAMES)
+            inputs.update(width=SIZE, height=SIZE, frames=frames)
         elif kind == "KSampler":
             inputs["steps"] = STEPS
         elif kind == "MuLTIVideoTextScore":
@@ -143,7 +184,9 @@ def tiny(graph: dict) -> dict:
 @pytest.mark.parametrize("path", sorted((ROOT / "workflows" / "api").glob("*.json")), ids=lambda p: p.name)
 def test_shipped_workflow_runs_in_comfyui(server, path):
     url, base, python = server
-    entry = run_prompt(url, tiny(json.loads(path.read_text())))
+    graph = json.loads(path.read_text())
+    frames = FRAMES_V51 if is_v51(graph) else FRAMES  # what the tiny run must make
+    entry = run_prompt(url, tiny(graph))
     saved = [item for output in entry["outputs"].values() for item in output.get("images", [])]
     assert saved, f"{path.name}: no output file"
     video = base / "output" / saved[0]["subfolder"] / saved[0]["filename"]
@@ -153,7 +196,7 @@ def test_shipped_workflow_runs_in_comfyui(server, path):
         "print(len(frames), frames[0].shape[0], frames[0].shape[1], float(np.std(np.stack(frames))))"
     ), str(video)], capture_output=True, text=True, check=True)
     count, height, width, spread = probe.stdout.split()
-    assert (int(count), int(height), int(width)) == (FRAMES, SIZE, SIZE), probe.stdout
+    assert (int(count), int(height), int(width)) == (frames, SIZE, SIZE), f"{path.name}: {probe.stdout}"
     assert float(spread) > 0  # not a blank video
 
 

@@ -21,7 +21,9 @@ from conftest import ROOT
 WORKFLOWS = ROOT / "workflows"
 # ComfyUI core nodes the shipped workflows use (their definitions live in ComfyUI itself).
 CORE_NODES = {"CreateVideo", "SaveVideo", "LoadImage", "LoadVideo", "GetVideoComponents", "PreviewAny",
-              "KSampler", "LoraLoaderModelOnly", "EasyCache"}  # the last three: the native route's workflows
+              "KSampler", "LoraLoaderModelOnly", "EasyCache", "ModelSamplingSD3"}  # the last four: the native route's
+# Nodes of the UI only (notes for the user): the frontend leaves them out of the API prompt.
+UI_ONLY_NODES = {"Note", "MarkdownNote"}
 # Combos whose options are the files on the user's disk: any value is accepted here.
 FILE_COMBOS = {"model", "lora_name", "motion_module", "personalized"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
@@ -105,10 +107,11 @@ def test_ui_workflow_matches_node_definitions_and_its_api_twin(pack, path):
     ui = json.loads(path.read_text())
     api = json.loads((WORKFLOWS / "api" / path.name).read_text())
     types = {str(n["id"]): n["type"] for n in ui["nodes"]}
-    assert sorted(types.values()) == sorted(n["class_type"] for n in api.values())
+    assert sorted(t for t in types.values() if t not in UI_ONLY_NODES) == sorted(n["class_type"] for n in api.values())
+    assert all(types.get(node_id) == node["class_type"] for node_id, node in api.items()), f"{path.name}: node ids differ"
     for node in ui["nodes"]:
         node_type = node["type"]
-        if node_type in CORE_NODES:
+        if node_type in CORE_NODES or node_type in UI_ONLY_NODES:
             continue
         cls = mapping[node_type]
         specs, _ = input_specs(cls)

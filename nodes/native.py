@@ -36,7 +36,7 @@ from ..easyanimate.errors import MAX_SEED, EasyAnimateError
 from . import host
 from .conditioning import EasyAnimateT5Encode, EasyAnimateV5TextEncode
 from .handles import MODEL, VAE
-from .sampling import images_to_frames, preview_factors
+from .sampling import CONTROL_INPUTS, images_to_frames, preview_factors
 
 log = logging.getLogger(__name__)
 
@@ -322,17 +322,19 @@ def comfy_attention(q, k, v, heads, bias, transformer_options=None):
     return attention.attention_pytorch(q, k, v, heads, mask=bias, skip_reshape=True, **extra)
 
 
+def _block_patches_by_index(transformer_options: dict, transformer) -> dict:
+    """{block index: ComfyUI's replacement patch} (`patches_replace["dit"][("double_block", i)]`)."""
+    patches = (transformer_options or {}).get("patches_replace", {}).get("dit", {})
+    found = ((index, patches.get((BLOCK_PATCH, index))) for index in range(len(transformer.transformer_blocks)))
+    return {index: patch for index, patch in found if patch is not None}
+
+
 def block_patches(transformer_options: dict, transformer) -> dict:
     """ComfyUI's block replacements (`patches_replace["dit"][("double_block", i)]`, as SkipLayerGuidanceDiT
     sets them) as the core's `block_replacements`. A patch gets {"img": tokens, "txt": text (+ CLIP) tokens,
     "vec": the block's modulation, "pe": None, "transformer_options"} and {"original_block": fn(args)}."""
-    patches = (transformer_options or {}).get("patches_replace", {}).get("dit", {})
     out = {}
-    for index in range(len(transformer.transformer_blocks)):
-        patch = patches.get((BLOCK_PATCH, index))
-        if patch is None:
-            continue
-
+    for index, patch in _block_patches_by_index(transformer_options, transformer).items():
         def run(tokens, context, t6, original, patch=patch):
             def original_block(args):
                 return {"img": original(args["img"], args["txt"], args["vec"])}
@@ -348,13 +350,8 @@ def joint_block_patches(transformer_options: dict, transformer) -> dict:
     SD3 convention) as the MMDiT's `block_replacements`: a patch gets {"img": video tokens, "txt": text tokens,
     "vec": the timestep embedding, "pe": the RoPE (cos, sin), "transformer_options"} and
     {"original_block": fn(args) -> {"img", "txt"}}, and returns {"img", "txt"}."""
-    patches = (transformer_options or {}).get("patches_replace", {}).get("dit", {})
     out = {}
-    for index in range(len(transformer.transformer_blocks)):
-        patch = patches.get((BLOCK_PATCH, index))
-        if patch is None:
-            continue
-
+    for index, patch in _block_patches_by_index(transformer_options, transformer).items():
         def run(video, text, temb, rope, block, patch=patch):
             def original_block(args):
                 video_out, text_out = block(args["img"], args["txt"], args["vec"], args["pe"])
@@ -749,18 +746,7 @@ class EasyAnimateToVideo:
                 "clip_apply_ratio": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.05,
                                                "tooltip": "V3 image-to-video: fraction of the last steps that see the "
                                                           "CLIP image tokens (reference 0.5). V5/V5.1 have no CLIP image."}),
-                "control_video": ("IMAGE", {"tooltip": "V5/V5.1 Control models: the control frames (canny, depth, pose, "
-                                                       "...), at least as many as the video; resized to the video size."}),
-                "reference_image": ("IMAGE", {"tooltip": "V5.1 Control and Control-Camera models: what the first frame "
-                                                         "should look like (its first image is used; resized)."}),
-                "camera_poses": ("STRING", {"multiline": True, "default": "",
-                                            "tooltip": "V5.1 Control-Camera models: the camera path, one line per frame "
-                                                       "(a CameraCtrl / RealEstate10K pose file's lines, as the EasyAnimate "
-                                                       "Sampler takes them), or such a file's name in ComfyUI's input "
-                                                       "folder. Empty: none."}),
-                "camera_pose_stride": ("INT", {"default": 1, "min": 1, "max": 24,
-                                               "tooltip": "Camera poses: use every N-th line (1, as the reference's "
-                                                          "ComfyUI nodes)."}),
+                **CONTROL_INPUTS,
             },
         }
 

@@ -20,6 +20,26 @@ def images_to_frames(images: torch.Tensor) -> torch.Tensor:
 AUTO_SAMPLER = "auto"  # the model's own: Flow for V5.1, Euler for V1–V3 and V5
 
 
+# The V5/V5.1 control inputs, shared by the EasyAnimate Sampler and EasyAnimate To Video (native).
+CONTROL_INPUTS = {
+    "control_video": ("IMAGE", {"tooltip": "V5/V5.1 Control models: the control frames you made (canny, "
+                                           "depth, pose, trajectory, ...), at least as many as the video; "
+                                           "resized to the video size."}),
+    "reference_image": ("IMAGE", {"tooltip": "V5.1 Control and Control-Camera models: what the first frame "
+                                             "should look like (its first image is used; resized)."}),
+    "camera_poses": ("STRING", {"multiline": True, "default": "",
+                                "tooltip": "V5.1 Control-Camera models: the camera path, one line per frame "
+                                           "of 19 numbers (timestamp fx fy cx cy 0 0 and the 3x4 world-to-"
+                                           "camera matrix; a CameraCtrl / RealEstate10K pose file's lines, "
+                                           "whose first line, the source address, may be left in), or the "
+                                           "name of such a file in ComfyUI's input folder. Empty: none."}),
+    "camera_pose_stride": ("INT", {"default": 1, "min": 1, "max": 24,
+                                   "tooltip": "Camera poses: use every N-th line (1, as the reference's "
+                                              "ComfyUI nodes; its predict script takes every 3rd line of a "
+                                              "24 fps pose file for an 8 fps video)."}),
+}
+
+
 class EasyAnimateSampler:
     DESCRIPTION = (
         "Generates video latents. Text-to-video with only the embeddings; image-to-video with a start image (and "
@@ -88,21 +108,7 @@ class EasyAnimateSampler:
                                     "tooltip": "V5.1 Flow sampler: the noise schedule's shift s (sigma -> s*sigma/(1 + "
                                                "(s-1)*sigma)); above 1 spends more steps at high noise. 0: the release's "
                                                "scheduler_config.json (1.0 in the releases)."}),
-                "control_video": ("IMAGE", {"tooltip": "V5/V5.1 Control models: the control frames you made (canny, "
-                                                       "depth, pose, trajectory, ...), at least as many as the video; "
-                                                       "resized to the video size."}),
-                "reference_image": ("IMAGE", {"tooltip": "V5.1 Control and Control-Camera models: what the first frame "
-                                                         "should look like (its first image is used; resized)."}),
-                "camera_poses": ("STRING", {"multiline": True, "default": "",
-                                            "tooltip": "V5.1 Control-Camera models: the camera path, one line per frame "
-                                                       "of 19 numbers (timestamp fx fy cx cy 0 0 and the 3x4 world-to-"
-                                                       "camera matrix; a CameraCtrl / RealEstate10K pose file's lines, "
-                                                       "whose first line, the source address, may be left in), or the "
-                                                       "name of such a file in ComfyUI's input folder. Empty: none."}),
-                "camera_pose_stride": ("INT", {"default": 1, "min": 1, "max": 24,
-                                               "tooltip": "Camera poses: use every N-th line (1, as the reference's "
-                                                          "ComfyUI nodes; its predict script takes every 3rd line of a "
-                                                          "24 fps pose file for an 8 fps video)."}),
+                **CONTROL_INPUTS,
                 "teacache_threshold": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
                                                  "tooltip": "V5.1 TeaCache: skip transformer steps whose input barely "
                                                             "changed and reuse the last computed one's residual. 0 = off; "

@@ -10,6 +10,12 @@ for another colour, the fraction that shows a magenta object (the LoRA rows use 
     python benchmarks/prompt_adherence.py --model FOLDER --lora FILE:1.0 --json results.json
     python benchmarks/prompt_adherence.py --no-lora
     python benchmarks/prompt_adherence.py --repeats 3            # the same prompts with 3 seed sets (3x the videos)
+    python benchmarks/prompt_adherence.py --model FOLDER --teacache 0.1        # V5/V5.1 with TeaCache
+    python benchmarks/prompt_adherence.py --model FOLDER --no-lora --teacache-compare 0.05,0.1,0.2
+
+--teacache-compare runs the table without TeaCache and then with each threshold, in this one process, and
+prints what TeaCache saves (transformer calls computed, generation time as a ratio of the run without it)
+next to the adherence figures of each run.
 
 The native ComfyUI route (the model as a ComfyUI MODEL, sampled by ComfyUI's KSampler; nodes/native.py) needs
 ComfyUI, so it runs in ComfyUI's interpreter:
@@ -71,6 +77,8 @@ def run(argv: list[str]) -> int:
         return run_native(route, argv)
     if route.easycache:
         raise SystemExit("--easycache is a patch of ComfyUI's native route: use it with --route native")
+    if route.teacache_compare:
+        return teacache_compare(route.teacache_compare, argv)
     with tempfile.TemporaryDirectory() as tmp:
         if "--json" not in argv:
             argv += ["--json", str(Path(tmp) / "adherence.json")]
@@ -94,7 +102,48 @@ def route_options(argv: list[str]):
     parser.add_argument("--easycache", type=float, default=0.0, help="native route: EasyCache reuse threshold (0: off)")
     parser.add_argument("--comfy-sampler", default="euler", help="native route: ComfyUI sampler name")
     parser.add_argument("--comfy-scheduler", default="normal", help="native route: ComfyUI scheduler name")
+    parser.add_argument("--teacache-compare", default=None, metavar="T1,T2,...",
+                        help="pack route, V5/V5.1: the table without TeaCache and with each threshold, and the savings")
     return parser.parse_known_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------- TeaCache savings
+def teacache_compare(thresholds: str, argv: list[str]) -> int:
+    """The evaluation without TeaCache, then with each threshold (same prompts and seeds, same process):
+    transformer calls computed, time against the run without it, and the adherence figures of each run."""
+    try:
+        values = [float(v) for v in thresholds.split(",") if v.strip()]
+    except ValueError:
+        raise SystemExit(f"--teacache-compare {thresholds!r}: give comma-separated thresholds, e.g. 0.05,0.1") from None
+    if "--teacache" in argv:
+        raise SystemExit("--teacache-compare chooses the thresholds itself: leave --teacache out")
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for threshold in [None, *values]:
+            out = Path(tmp) / f"run{len(runs)}.json"
+            extra = [] if threshold is None else ["--teacache", str(threshold)]
+            code = main(["evaluate", *argv, *extra, "--json", str(out)])
+            if code:
+                return code
+            runs.append((threshold, json.loads(out.read_text())))
+    base_seconds = runs[0][1]["seconds"]
+    lines = ["| TeaCache | transformer calls computed | generation s | time ratio | held-out colour | held-out direction "
+             "| held-out shape | held-out all three | seen colour | seen all three |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for threshold, data in runs:
+        scheduled = data["options"]["steps"] * len(data["videos"])
+        calls = data.get("transformer_calls", {"computed": scheduled, "scheduled": scheduled})
+        held, seen = data["groups"]["held-out pairs, no LoRA"], data["groups"]["seen pairs, no LoRA"]
+        percent = lambda v: f"{100 * v:.1f} %"  # noqa: E731
+        lines.append(
+            f"| {'off' if threshold is None else f'{threshold:g}'} | {calls['computed']} of {calls['scheduled']} "
+            f"({percent(calls['computed'] / calls['scheduled'])}) | {data['seconds']:.1f} | "
+            f"{data['seconds'] / base_seconds:.2f} | {percent(held['colour'])} | {percent(held['direction'])} | "
+            f"{percent(held['shape'])} | {percent(held['all_three'])} | {percent(seen['colour'])} | "
+            f"{percent(seen['all_three'])} |")
+    print("\nTeaCache savings and adherence (the LoRA rows, when run, are in the tables above)")
+    print("\n".join(lines))
+    return 0
 
 
 def run_native(route, argv: list[str]) -> int:

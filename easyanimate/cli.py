@@ -286,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the prompt set this many times with other seeds (1: the 48 + 40 videos of the table)")
     e.add_argument("--json", default=None, help="also write every video's analysis to this JSON file")
     e.add_argument("--threads", type=int, default=None)
+    e.add_argument("--teacache", type=float, default=None, metavar="THRESH",
+                   help="V5/V5.1: generate with TeaCache at this threshold (the model family's coefficients)")
 
     from .multi.cli import add_subcommands as add_multi_commands  # argparse only; the work is imported lazily
 
@@ -1186,17 +1188,29 @@ def cmd_evaluate(args) -> int:
         elif (model_path / DEMO_LORA).is_file():
             lora = model_path / DEMO_LORA
             strength = float(defaults.get("lora_strength", 1.0))
+    teacache = {}
+    if args.teacache is not None:
+        from .loading import detect_family
+        from .teacache import resolve
+
+        # refused here, before any video, for a model TeaCache has no coefficients for (V1-V3)
+        source = detect_family(model_path)
+        config = _mmdit_config(source) if source.family in MMDIT_FAMILIES else source
+        teacache = {"teacache": resolve(args.teacache, config)}
     model = load_model(model_path, dtype="fp32")
     total = (48 + (40 if lora else 0)) * args.repeats
     progress = Progress(total, "evaluate")
     table, data = adherence_report(
         model, lora, strength, progress=lambda done, n: progress.update(1), repeats=args.repeats,
         frames=defaults["frames"], height=defaults["height"], width=defaults["width"], steps=defaults["steps"],
-        guidance_scale=defaults["guidance_scale"], sampler=defaults["sampler"])
+        guidance_scale=defaults["guidance_scale"], sampler=defaults["sampler"], **teacache)
     progress.close()
     seeds = f"; prompt set x {args.repeats} seeds" if args.repeats > 1 else ""
+    calls = data.get("transformer_calls")
+    cache = (f"; TeaCache {args.teacache:g}: {calls['computed']} of {calls['scheduled']} transformer calls computed"
+             if calls else "")
     print(f"model {model_path.name}; {defaults['sampler']}, {defaults['steps']} steps, CFG {defaults['guidance_scale']}; "
-          f"LoRA {Path(lora).name + f' at {strength}' if lora else 'none'}{seeds}; {data['seconds']} s")
+          f"LoRA {Path(lora).name + f' at {strength}' if lora else 'none'}{seeds}{cache}; {data['seconds']} s")
     print(table)
     if args.json:
         Path(args.json).write_text(json.dumps(data, indent=2))

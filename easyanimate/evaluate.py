@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import colorsys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, is_dataclass, replace
 from typing import Sequence
 
 import numpy as np
@@ -249,9 +249,10 @@ class CaseResult:
 
 def evaluate_model(model, cases: Sequence[PromptCase] | None = None, *, lora_stack=(), frames: int = 16,
                    height: int = 64, width: int = 64, steps: int = 20, guidance_scale: float = 6.0,
-                   sampler: str = "DPM++", progress=None) -> list[CaseResult]:
+                   sampler: str = "DPM++", teacache=None, progress=None) -> list[CaseResult]:
     """Generate every case with `model` (an `EasyAnimateModel`), optionally inside a LoRA stack
-    [(ResolvedLoRA, strength), ...], and analyse the videos."""
+    [(ResolvedLoRA, strength), ...] and with TeaCache (`teacache`: a threshold or `teacache.TeaCache`, V5/V5.1
+    only), and analyse the videos."""
     from contextlib import nullcontext
 
     from .pipeline import make_video
@@ -266,7 +267,8 @@ def evaluate_model(model, cases: Sequence[PromptCase] | None = None, *, lora_sta
     with context:
         for index, case in enumerate(cases):
             video = make_video(model, case.prompt, "", frames=frames, height=height, width=width, steps=steps,
-                               guidance_scale=guidance_scale, sampler=sampler, seed=case.seed)
+                               guidance_scale=guidance_scale, sampler=sampler, seed=case.seed,
+                               **({"teacache": teacache} if teacache is not None else {}))
             results.append(CaseResult(case, analyze_video(video), bool(lora_stack)))
             if progress:
                 progress(index + 1, len(cases))
@@ -320,9 +322,12 @@ def adherence_report(model, lora_path=None, lora_strength: float = 1.0, progress
                      **options) -> tuple[str, dict]:
     """Run the whole evaluation (with and without the LoRA when given) on `prompt_cases(repeats)`;
     returns (table, data)."""
+    from .teacache import record_runs
+
     started = time.time()
     cases = prompt_cases(repeats)
-    base = evaluate_model(model, cases, progress=progress, **options)
+    with record_runs() as teacache_runs:
+        base = evaluate_model(model, cases, progress=progress, **options)
     groups = {
         "seen pairs, no LoRA": summarize([r for r in base if not r.case.held_out]),
         "held-out pairs, no LoRA": summarize([r for r in base if r.case.held_out]),
@@ -333,12 +338,18 @@ def adherence_report(model, lora_path=None, lora_strength: float = 1.0, progress
 
         resolved = resolve_lora(str(lora_path), model.transformer)
         lora_cases = [c for c in cases if not asks_for(c)]
-        with_lora = evaluate_model(model, lora_cases, lora_stack=[(resolved, lora_strength)], progress=progress, **options)
+        with record_runs() as lora_runs:
+            with_lora = evaluate_model(model, lora_cases, lora_stack=[(resolved, lora_strength)], progress=progress,
+                                       **options)
+        teacache_runs += lora_runs
         groups["other colours, no LoRA"] = summarize([r for r in base if not asks_for(r.case)])
         groups["other colours, with LoRA"] = summarize(with_lora)
         rows += [r.row() for r in with_lora]
     data = {"groups": groups, "videos": rows, "seconds": round(time.time() - started, 1),
-            "options": dict(options, repeats=repeats)}
+            "options": {**{k: asdict(v) if is_dataclass(v) else v for k, v in options.items()}, "repeats": repeats}}
+    if teacache_runs:  # TeaCache on: how many of the transformer calls it computed
+        data["transformer_calls"] = {"computed": sum(run.computed_calls for run in teacache_runs),
+                                     "scheduled": sum(len(run.decisions) for run in teacache_runs)}
     return format_table(groups), data
 
 

@@ -1,4 +1,6 @@
 """The prompt-adherence evaluation: the fixed prompt set, the analyzer on imperfect videos, the table."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -191,3 +193,39 @@ def test_latent_motion_profile_follows_an_ideal_encoder():
     steps = ev.latent_motion_profile(PoolingEncoder(), clips=48, seed=11)["steps"]
     assert len(steps) == 3
     np.testing.assert_allclose(steps, expected, rtol=0.25)
+
+
+def test_adherence_report_counts_the_transformer_calls_teacache_computes(tmp_path, monkeypatch):
+    """With TeaCache the report says how many of the scheduled transformer calls ran: at a threshold no change
+    reaches, only the first and last call of each video (always computed); without it the key is absent."""
+    from release_v5 import make_release_v51
+
+    from easyanimate.pipeline import load_model
+
+    model = load_model(make_release_v51(tmp_path / "tiny", "inp"), dtype="fp32")
+    cases = ev.prompt_cases()[:2]
+    monkeypatch.setattr(ev, "prompt_cases", lambda repeats=1: cases)
+    run = dict(frames=5, height=32, width=32, steps=4, sampler="Flow", guidance_scale=4.0)
+    _, off = ev.adherence_report(model, **run)
+    assert "transformer_calls" not in off and len(off["videos"]) == 2
+    _, on = ev.adherence_report(model, teacache=1e9, **run)
+    assert on["transformer_calls"] == {"computed": 2 * 2, "scheduled": 4 * 2}
+    assert on["options"]["teacache"] == 1e9
+    json.dumps(on)
+
+
+def test_evaluate_refuses_teacache_for_a_model_without_it_before_generating(tmp_path, capsys, monkeypatch):
+    """V1-V3 have no TeaCache: the evaluate command says so before any video is made."""
+    from release import make_release
+
+    from easyanimate import cli
+
+    folder = make_release(tmp_path / "tiny", "v3")
+    from easyanimate import pipeline
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(pipeline, "load_model", no_model)
+    assert cli.main(["evaluate", "--model", str(folder), "--no-lora", "--teacache", "0.1"]) == 2
+    assert "TeaCache is implemented for the EasyAnimate V5.1" in capsys.readouterr().err

@@ -25,7 +25,6 @@ from pathlib import Path
 
 DEMO_NAME = "EasyAnimateV3-demo-64px"
 TRAINING_FAMILIES = ("v3", "v51")  # train-vae / train-text / train-dit --family
-DEMO_LORA = "loras/magenta.safetensors"  # inside the demo folder: turns every object magenta
 # Limits of the generate options (refused outside them, before anything is loaded).
 MAX_GUIDANCE = 100.0
 MAX_FPS = 240
@@ -152,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lora", action="append", default=[], metavar="PATH[:STRENGTH]",
                    help="apply a LoRA (repeatable), strength -100 to 100, default 1.0. A name that is not a file is "
                         "looked up in the model folder's loras/ (.safetensors may be left out): with the demo model, "
-                        f"--lora magenta:0.8 applies its {DEMO_LORA} (every object magenta)")
+                        "--lora magenta:0.8 applies its loras/magenta.safetensors (every object magenta)")
     g.add_argument("--fps", type=int, default=None, help=f"frames per second of the written video, 1 to {MAX_FPS}")
     g.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="compute dtype (fp32 on CPU)")
     g.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
@@ -362,6 +361,13 @@ def find_lora(name: str, model_path: Path) -> Path:
     raise LoRAFileError(
         f"LoRA '{name}' not found: no such file, and no '{tries[-1]}' in the model folder's loras/ ({folder}){known}."
     )
+
+
+def demo_lora(model_path: Path, defaults: dict) -> Path | None:
+    """The LoRA a demo folder's `generation.json` names as its own (`demo_lora`, a name in its loras/: what
+    `evaluate` measures when no --lora is given; `generate` applies a LoRA only when asked), or None."""
+    name = defaults.get("demo_lora")
+    return find_lora(name, model_path) if name else None
 
 
 def _whole_number(value, option: str, low: int, high: int | None = None, source: str = "") -> int:
@@ -1185,8 +1191,8 @@ def cmd_evaluate(args) -> int:
         if args.lora:
             lora, strength = parse_lora_arg(args.lora)
             lora = find_lora(lora, model_path)
-        elif (model_path / DEMO_LORA).is_file():
-            lora = model_path / DEMO_LORA
+        else:
+            lora = demo_lora(model_path, defaults)
             strength = float(defaults.get("lora_strength", 1.0))
     teacache = {}
     if args.teacache is not None:

@@ -57,8 +57,8 @@ def test_info_on_the_demo_folder():
 
 @needs_demo
 def test_info_on_a_lora_file():
-    lora = DEMO / cli.DEMO_LORA
-    if not lora.is_file():
+    lora = cli.demo_lora(DEMO, cli.generation_defaults(DEMO))
+    if lora is None:
         pytest.skip("demo LoRA not shipped")
     report = cli.describe_model(lora)
     assert report["kind"] == "LoRA" and report["layers"] > 0
@@ -278,7 +278,7 @@ def test_demo_lora_by_name_and_help_example(capsys):
     with pytest.raises(SystemExit):
         cli.main(["generate", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
-    assert "--lora magenta:0.8" in help_text and cli.DEMO_LORA in help_text
+    assert "--lora magenta:0.8 applies its loras/magenta.safetensors" in help_text
 
 
 def test_broken_generation_json_names_the_file(demo_copy, tmp_path, capsys, no_model_loading):

@@ -430,3 +430,26 @@ def test_requests_that_cannot_fit_in_memory_are_refused_before_sampling(tmp_path
     err = capsys.readouterr().err
     assert code == 2 and "needs about" in err and "4.00 GiB is available" in err, err
     assert not out.exists() and not sampled
+
+
+# --- the V5.1 demo ------------------------------------------------------------------------------------
+V51_DEMO = DEMO.parent / "EasyAnimateV5.1-demo-64px"
+needs_v51_demo = pytest.mark.skipif(not (V51_DEMO / "transformer").is_dir(), reason=f"V5.1 demo not found at {V51_DEMO}")
+
+
+@needs_v51_demo
+def test_info_names_the_v51_demo_and_it_is_small_and_listed(standalone):
+    """A V5.1 InP release folder under 30 MB, listed by the pack's loader next to the V3 demo, with its LoRA."""
+    host = standalone.nodes.host
+    result = run_cli("info", str(V51_DEMO))
+    assert result.returncode == 0, result.stderr
+    assert "family: EasyAnimate V5.1" in result.stdout and "missing: nothing" in result.stdout
+    report = cli.describe_model(V51_DEMO)
+    assert report["total_bytes"] < 30 * 2**20
+    assert report["components"]["transformer"]["in_channels"] == 33  # InP: image-to-video works
+    assert {"EasyAnimateV3-demo-64px", V51_DEMO.name} <= set(host.demo_models())
+    assert V51_DEMO.name in host.list_models()
+    lora = cli.demo_lora(V51_DEMO, cli.generation_defaults(V51_DEMO))
+    assert lora is not None and cli.describe_model(lora)["kind"] == "LoRA"
+    # ComfyUI lists the LoRAs of every demo's loras/ by file name: the two demos' names differ
+    assert lora.name != cli.demo_lora(DEMO, cli.generation_defaults(DEMO)).name

@@ -228,3 +228,87 @@ def test_lora_through_comfyui_patches_equals_the_standalone_path(server, pack, m
     err = ((ours - comfy_latents).abs().max() / comfy_latents.abs().max()).item()
     print(f"LoRA latents, ComfyUI patches vs standalone: rel error {err:.2e}")
     assert err < 1e-4
+
+
+# --- the V5.1 workflows on the shipped V5.1 demo model ----------------------------------------------------
+V51_DEMO = "EasyAnimateV5.1-demo-64px"
+V51_DEMO_FOLDER = ROOT / "easyanimate" / "demo" / V51_DEMO
+# The V5.1 workflows an InP model runs (Control and Control-Camera need those releases: tiny ones above).
+V51_DEMO_WORKFLOWS = ("easyanimate_v51_t2v.json", "easyanimate_v51_i2v_start_end.json", "easyanimate_v51_native_t2v.json")
+DEMO_PROMPT = "a red circle moving right on a black background"
+# Mean |first frame - start image| (and last frame - end image) allowed, in 0-1 units, after ComfyUI's h264
+# encoding: the pipeline's image-to-video tolerance of the demo (tests/test_pipeline.py, 0.05) plus the end
+# image's weaker pull (0.052 of the end image in the pipeline) and the codec's loss.
+V51_DEMO_ENDS_TOLERANCE = 0.07
+
+
+def on_v51_demo(graph: dict) -> dict:
+    """The workflow as shipped with the demo in place of the release: its folder, a prompt in its vocabulary,
+    the size, frames, steps, CFG and flow shift of its generation.json and scheduler; every other input stays."""
+    settings = json.loads((V51_DEMO_FOLDER / "generation.json").read_text())
+    shift = json.loads((V51_DEMO_FOLDER / "scheduler" / "scheduler_config.json").read_text())["shift"]
+    size = dict(width=settings["width"], height=settings["height"], frames=settings["frames"])
+    run = dict(steps=settings["steps"], cfg=settings["guidance_scale"])
+    for node in graph.values():
+        inputs, kind = node["inputs"], node["class_type"]
+        if kind == "LoadEasyAnimate":
+            inputs["model"] = V51_DEMO
+        elif kind in ("EasyAnimateV5TextEncode", "EasyAnimateV5TextEncodeConditioning"):
+            inputs.update(prompt=DEMO_PROMPT, negative_prompt=settings["negative_prompt"])
+        elif kind == "EasyAnimateSampler":
+            inputs.update(**size, **run)
+        elif kind == "EasyAnimateToVideo":
+            inputs.update(**size)
+        elif kind == "KSampler":
+            inputs.update(**run)
+        elif kind == "ModelSamplingSD3":
+            inputs["shift"] = shift  # the workflow's 1.0 is the release's shift; the demo's is its scheduler's
+        elif kind == "LoadImage":
+            inputs["image"] = {"example.png": "demo_start.png", "example_end.png": "demo_end.png"}[inputs["image"]]
+    return graph
+
+
+def demo_clip_frames(frames: int) -> "np.ndarray":
+    """(frames, 64, 64, 3) uint8: a clip of the demo's training kind showing DEMO_PROMPT (a seen pair)."""
+    import numpy as np
+
+    from easyanimate.train.synthetic import make_specs, render_clip
+
+    spec = make_specs(1, 5, frames=frames, colour="red", shape="circle", direction="right", background="black")[0]
+    return np.round(render_clip(spec, frames, 64) * 255).astype(np.uint8)
+
+
+@pytest.mark.skipif(not (V51_DEMO_FOLDER / "transformer" / "config.json").is_file(), reason="V5.1 demo not shipped")
+@pytest.mark.parametrize("name", V51_DEMO_WORKFLOWS)
+def test_v51_workflow_runs_on_the_demo_model(server, name):
+    """The V5.1 InP workflows on the demo (listed by Load EasyAnimate like any release): the video has the
+    demo's size and frame count and shows what the prompt asks (colour and direction); with a start and end
+    image its first and last frames are those images."""
+    import numpy as np
+    from PIL import Image
+
+    from easyanimate.evaluate import analyze_video
+
+    url, base, python = server
+    frames = json.loads((V51_DEMO_FOLDER / "generation.json").read_text())["frames"]
+    clip = demo_clip_frames(frames)
+    Image.fromarray(clip[0]).save(base / "input" / "demo_start.png")
+    Image.fromarray(clip[-1]).save(base / "input" / "demo_end.png")
+    graph = on_v51_demo(json.loads((ROOT / "workflows" / "api" / name).read_text()))
+    entry = run_prompt(url, graph)
+    saved = [item for output in entry["outputs"].values() for item in output.get("images", [])]
+    video_file = base / "output" / saved[0]["subfolder"] / saved[0]["filename"]
+    dump = base / f"{name}.npy"
+    subprocess.run([python, "-c", (
+        "import av, sys, numpy as np\n"
+        "c = av.open(sys.argv[1]); np.save(sys.argv[2], np.stack([f.to_ndarray(format='rgb24') for f in c.decode(video=0)]))"
+    ), str(video_file), str(dump)], check=True)
+    video = np.load(dump)
+    assert video.shape == (frames, 64, 64, 3), video.shape
+    analysis = analyze_video(video)
+    print(f"{name} on {V51_DEMO}: colour {analysis.colour}, shape {analysis.shape}, direction {analysis.direction}")
+    assert (analysis.colour, analysis.direction) == ("red", "right"), analysis
+    if "start_end" in name:
+        first, last = (np.abs(video[i].astype(float) - clip[i]).mean() / 255 for i in (0, -1))
+        print(f"first frame vs start image {first:.4f}, last frame vs end image {last:.4f} (mean abs, 0-1)")
+        assert first <= V51_DEMO_ENDS_TOLERANCE and last <= V51_DEMO_ENDS_TOLERANCE

@@ -267,8 +267,7 @@ def evaluate_model(model, cases: Sequence[PromptCase] | None = None, *, lora_sta
     with context:
         for index, case in enumerate(cases):
             video = make_video(model, case.prompt, "", frames=frames, height=height, width=width, steps=steps,
-                               guidance_scale=guidance_scale, sampler=sampler, seed=case.seed,
-                               **({"teacache": teacache} if teacache is not None else {}))
+                               guidance_scale=guidance_scale, sampler=sampler, seed=case.seed, teacache=teacache)
             results.append(CaseResult(case, analyze_video(video), bool(lora_stack)))
             if progress:
                 progress(index + 1, len(cases))
@@ -328,20 +327,19 @@ def adherence_report(model, lora_path=None, lora_strength: float = 1.0, progress
     cases = prompt_cases(repeats)
     with record_runs() as teacache_runs:
         base = evaluate_model(model, cases, progress=progress, **options)
+        with_lora = None
+        if lora_path is not None:
+            from .lora import resolve_lora
+
+            resolved = resolve_lora(str(lora_path), model.transformer)
+            with_lora = evaluate_model(model, [c for c in cases if not asks_for(c)],
+                                       lora_stack=[(resolved, lora_strength)], progress=progress, **options)
     groups = {
         "seen pairs, no LoRA": summarize([r for r in base if not r.case.held_out]),
         "held-out pairs, no LoRA": summarize([r for r in base if r.case.held_out]),
     }
     rows = [r.row() for r in base]
-    if lora_path is not None:
-        from .lora import resolve_lora
-
-        resolved = resolve_lora(str(lora_path), model.transformer)
-        lora_cases = [c for c in cases if not asks_for(c)]
-        with record_runs() as lora_runs:
-            with_lora = evaluate_model(model, lora_cases, lora_stack=[(resolved, lora_strength)], progress=progress,
-                                       **options)
-        teacache_runs += lora_runs
+    if with_lora is not None:
         groups["other colours, no LoRA"] = summarize([r for r in base if not asks_for(r.case)])
         groups["other colours, with LoRA"] = summarize(with_lora)
         rows += [r.row() for r in with_lora]

@@ -205,7 +205,7 @@ def native_child(argv: list[str]) -> int:
 
     comfy.utils.PROGRESS_BAR_ENABLED = False  # no progress bar per video
 
-    from easyanimate.cli import demo_lora, demo_model_path, find_lora, generation_defaults, parse_lora_arg
+    from easyanimate.cli import demo_model_path, evaluated_lora, generation_defaults
     from easyanimate.evaluate import (CaseResult, analyze_video, asks_for, format_table, prompt_cases,
                                       summarize)
 
@@ -222,13 +222,7 @@ def native_child(argv: list[str]) -> int:
     if args.model:
         folder_paths.add_model_folder_path("easyanimate", str(model_path.parent))
     defaults = generation_defaults(model_path)
-    lora, strength = None, 1.0
-    if not args.no_lora:
-        if args.lora:
-            lora, strength = parse_lora_arg(args.lora)
-            lora = find_lora(lora, model_path)
-        else:
-            lora, strength = demo_lora(model_path, defaults), float(defaults.get("lora_strength", 1.0))
+    lora, strength = evaluated_lora(args.lora, args.no_lora, model_path, defaults)
     if lora is not None:
         folder_paths.add_model_folder_path("loras", str(Path(lora).parent))
     frames, height, width = defaults["frames"], defaults["height"], defaults["width"]

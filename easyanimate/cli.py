@@ -370,6 +370,17 @@ def demo_lora(model_path: Path, defaults: dict) -> Path | None:
     return find_lora(name, model_path) if name else None
 
 
+def evaluated_lora(lora_arg: str | None, no_lora: bool, model_path: Path, defaults: dict) -> tuple[Path | None, float]:
+    """(file, strength) of the LoRA an adherence evaluation measures: --lora PATH[:STRENGTH], else the folder's
+    own (`demo_lora` at `lora_strength`); (None, 1.0) with --no-lora or when the folder has none."""
+    if no_lora:
+        return None, 1.0
+    if lora_arg:
+        name, strength = parse_lora_arg(lora_arg)
+        return find_lora(name, model_path), strength
+    return demo_lora(model_path, defaults), float(defaults.get("lora_strength", 1.0))
+
+
 def _whole_number(value, option: str, low: int, high: int | None = None, source: str = "") -> int:
     """`value` as an int within [low, high], or an error naming the option, the range and the value."""
     span = f"from {low} to {high}" if high is not None else f"at least {low}"
@@ -1186,14 +1197,7 @@ def cmd_evaluate(args) -> int:
         torch.set_num_threads(_whole_number(args.threads, "--threads", 1, 1024))
     model_path = Path(args.model) if args.model else demo_model_path()
     defaults = generation_defaults(model_path)
-    lora, strength = None, 1.0
-    if not args.no_lora:
-        if args.lora:
-            lora, strength = parse_lora_arg(args.lora)
-            lora = find_lora(lora, model_path)
-        else:
-            lora = demo_lora(model_path, defaults)
-            strength = float(defaults.get("lora_strength", 1.0))
+    lora, strength = evaluated_lora(args.lora, args.no_lora, model_path, defaults)
     teacache = {}
     if args.teacache is not None:
         from .loading import detect_family

@@ -28,6 +28,7 @@ from conftest import ROOT
 from pack_fixtures import write_lora
 from release import make_release, make_v1_release
 from release_v5 import make_release_v51
+from test_pipeline import V51_DEMO_FOLDER, demo_clip
 
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason="COMFYUI_DIR is not set: no real ComfyUI to run the workflows in")
@@ -231,8 +232,7 @@ def test_lora_through_comfyui_patches_equals_the_standalone_path(server, pack, m
 
 
 # --- the V5.1 workflows on the shipped V5.1 demo model ----------------------------------------------------
-V51_DEMO = "EasyAnimateV5.1-demo-64px"
-V51_DEMO_FOLDER = ROOT / "easyanimate" / "demo" / V51_DEMO
+V51_DEMO = V51_DEMO_FOLDER.name
 # The V5.1 workflows an InP model runs (Control and Control-Camera need those releases: tiny ones above).
 V51_DEMO_WORKFLOWS = ("easyanimate_v51_t2v.json", "easyanimate_v51_i2v_start_end.json", "easyanimate_v51_native_t2v.json")
 DEMO_PROMPT = "a red circle moving right on a black background"
@@ -268,16 +268,6 @@ def on_v51_demo(graph: dict) -> dict:
     return graph
 
 
-def demo_clip_frames(frames: int) -> "np.ndarray":
-    """(frames, 64, 64, 3) uint8: a clip of the demo's training kind showing DEMO_PROMPT (a seen pair)."""
-    import numpy as np
-
-    from easyanimate.train.synthetic import make_specs, render_clip
-
-    spec = make_specs(1, 5, frames=frames, colour="red", shape="circle", direction="right", background="black")[0]
-    return np.round(render_clip(spec, frames, 64) * 255).astype(np.uint8)
-
-
 @pytest.mark.skipif(not (V51_DEMO_FOLDER / "transformer" / "config.json").is_file(), reason="V5.1 demo not shipped")
 @pytest.mark.parametrize("name", V51_DEMO_WORKFLOWS)
 def test_v51_workflow_runs_on_the_demo_model(server, name):
@@ -291,7 +281,8 @@ def test_v51_workflow_runs_on_the_demo_model(server, name):
 
     url, base, python = server
     frames = json.loads((V51_DEMO_FOLDER / "generation.json").read_text())["frames"]
-    clip = demo_clip_frames(frames)
+    # DEMO_PROMPT's clip, (frames, 64, 64, 3) uint8
+    clip = (demo_clip(5, "red", "circle", "right", "black")[0].permute(1, 2, 3, 0) * 255).round().byte().numpy()
     Image.fromarray(clip[0]).save(base / "input" / "demo_start.png")
     Image.fromarray(clip[-1]).save(base / "input" / "demo_end.png")
     graph = on_v51_demo(json.loads((ROOT / "workflows" / "api" / name).read_text()))

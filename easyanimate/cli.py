@@ -187,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--paths", choices=PATHS, default=PATHS[0],
                    help="outward: shapes start near the centre and head for the named side; across: a path "
                         "anywhere it fits (the clips the demo VAE was trained on)")
+    d.add_argument("--weight", action="append", default=[], metavar="NAME=N",
+                   help="draw pairs with this colour or shape N times as often (repeatable; a fine-tuning set "
+                        "that leans on e.g. green=3 still shows every seen pair and no held-out one)")
 
     v = commands.add_parser("train-vae", help="train the V3 slice VAE, or the V5/V5.1 VAE (--family v51)")
     v.add_argument("--data", required=True, help="data folder (clips.npy + captions.txt, or videos + .txt)")
@@ -1098,11 +1101,18 @@ def format_info(report: dict) -> str:
 def cmd_make_data(args) -> int:
     from .train.synthetic import BASE_SHAPES, SHAPES, write_folder
 
+    weights = {}
+    for item in args.weight:
+        name, _, number = item.partition("=")
+        if not number.isdigit():
+            raise ValueError(f"--weight {item!r} is not NAME=N: write a colour or shape and a whole number, "
+                                   "e.g. --weight green=3.")
+        weights[name.strip()] = int(number)
     started = time.time()
     count = write_folder(args.out, args.count, args.seed, frames=args.frames, size=args.size,
                          shapes=SHAPES if args.all_shapes else BASE_SHAPES, force_shape=args.draw_shape,
-                         force_colour=args.draw_colour,
-                         include_held_out=args.all_shapes, paths=args.paths)
+                         force_colour=args.draw_colour, include_held_out=args.all_shapes, paths=args.paths,
+                         weights=weights)
     print(f"wrote {count} clips to {args.out} in {time.time() - started:.0f} s")
     return 0
 

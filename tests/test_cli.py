@@ -101,6 +101,14 @@ def test_bad_size_is_a_clear_error(capsys):
     assert "HxW" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("weight,words", [("green", "is not NAME=N"), ("grene=3", "Unknown colour or shape grene"),
+                                          ("green=0", "whole numbers of at least 1")])
+def test_make_data_refuses_bad_pair_weights_before_writing(tmp_path, capsys, weight, words):
+    assert cli.main(["make-data", "--out", str(tmp_path / "data"), "--count", "2", "--weight", weight]) == 2
+    assert words in capsys.readouterr().err
+    assert not (tmp_path / "data").exists()
+
+
 def test_evaluate_refuses_zero_repeats_before_loading_anything(capsys):
     assert cli.main(["evaluate", "--repeats", "0", "--model", "no-such-folder"]) == 2
     assert "--repeats must be at least 1" in capsys.readouterr().err

@@ -110,3 +110,25 @@ def test_data_folder_round_trip(tmp_path):
     assert data.clips.shape == (6, 16, 64, 64, 3) and data.clips.dtype == np.uint8
     assert len(data.captions) == 6 and "star" not in " ".join(data.captions)
     assert analyze_video(data.clips[0]).shape == "star"  # pixels show stars whatever the caption says
+
+
+def test_pair_weights_lean_on_a_colour_without_adding_held_out_pairs(tmp_path):
+    import json
+    from collections import Counter
+
+    pairs = syn.weighted_pairs(syn.training_pairs(), {"green": 3, "square": 2})
+    counts = Counter(pairs)
+    assert set(counts) == set(syn.training_pairs())  # every seen pair, nothing else
+    assert counts[("green", "circle")] == 3 and counts[("red", "square")] == 2 and counts[("red", "circle")] == 1
+
+    syn.write_folder(tmp_path, 600, seed=2, frames=4, size=32, weights={"green": 3})
+    drawn = Counter(json.loads(line)["colour"] for line in (tmp_path / "specs.jsonl").read_text().splitlines())
+    # green is 2 of 12 pairs unweighted (1/6 of clips), 6 of 16 with weight 3 (3/8)
+    assert 0.3 < drawn["green"] / 600 < 0.45
+    assert not {(json.loads(line)["colour"], json.loads(line)["shape"])
+                for line in (tmp_path / "specs.jsonl").read_text().splitlines()} & syn.HELD_OUT_PAIRS
+
+    with pytest.raises(ValueError, match="grene"):
+        syn.weighted_pairs(syn.training_pairs(), {"grene": 3})
+    with pytest.raises(ValueError, match="whole numbers"):
+        syn.weighted_pairs(syn.training_pairs(), {"green": 0})

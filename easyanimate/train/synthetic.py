@@ -91,6 +91,19 @@ def training_pairs(shapes=BASE_SHAPES) -> list[tuple[str, str]]:
     return [(c, s) for c in COLOURS for s in shapes if not is_held_out(c, s)]
 
 
+def weighted_pairs(pairs, weights: dict[str, int]) -> list[tuple[str, str]]:
+    """`pairs` with each pair repeated (its colour's weight) x (its shape's weight) times, so drawing from the
+    list picks it that much more often. A fine-tuning set leans on a colour or shape this way while every
+    seen pair still appears and no held-out pair is added."""
+    unknown = sorted(set(weights) - set(COLOURS) - set(SHAPES))
+    if unknown:
+        raise ValueError(f"Unknown colour or shape {', '.join(unknown)} in the pair weights: use one of "
+                         f"{', '.join(list(COLOURS) + list(SHAPES))}.")
+    if any(not isinstance(w, int) or w < 1 for w in weights.values()):
+        raise ValueError(f"Pair weights must be whole numbers of at least 1, got {weights}.")
+    return [pair for pair in pairs for _ in range(weights.get(pair[0], 1) * weights.get(pair[1], 1))]
+
+
 def sample_spec(rng: random.Random, *, frames: int = 16, size: int = 64, pairs=None, shape: str | None = None,
                 colour: str | None = None, direction: str | None = None, background: str | None = None,
                 template: int | None = None, paths: str = "outward") -> ClipSpec:
@@ -220,19 +233,22 @@ def make_specs(count: int, seed: int, *, frames: int = 16, size: int = 64, pairs
 
 def write_folder(folder, count: int, seed: int, *, frames: int = 16, size: int = 64, shapes=BASE_SHAPES,
                  force_shape: str | None = None, force_colour: str | None = None, include_held_out: bool = False,
-                 paths: str = "outward") -> int:
+                 paths: str = "outward", weights: dict[str, int] | None = None) -> int:
     """Write `count` clips as a data folder (`clips.npy` uint8 (N, F, H, W, 3) + `captions.txt`, one a line,
     + `specs.jsonl` with the ground truth). `force_shape` draws that shape whatever the caption says (the
     LoRA data: captions name circles, squares and triangles, the pixels show stars); `force_colour` likewise
     paints every object in that colour (the demo LoRA: captions name any colour, the pixels are magenta). `include_held_out`
     also draws the held-out colour/shape pairs (the VAE, which knows nothing of captions, sees everything);
-    `paths` is passed to `sample_spec`."""
+    `paths` is passed to `sample_spec`; `weights` ({colour or shape: n}) draws some pairs more often
+    (`weighted_pairs`)."""
     import json
     from pathlib import Path
 
+    pairs = [(c, s) for c in COLOURS for s in shapes] if include_held_out else training_pairs(shapes)
+    if weights:
+        pairs = weighted_pairs(pairs, weights)  # refuses unknown names before anything is written
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    pairs = [(c, s) for c in COLOURS for s in shapes] if include_held_out else training_pairs(shapes)
     specs = make_specs(count, seed, frames=frames, size=size, pairs=pairs, paths=paths)
     clips = np.empty((count, frames, size, size, 3), dtype=np.uint8)
     for i, spec in enumerate(specs):

@@ -1,8 +1,10 @@
 """Tiny EasyAnimate V5 / V5.1 release folders in the real layouts, for loader, pipeline, node and CLI tests.
 
-A tiny Qwen2-VL (release-era flat config.json, release key names `model.*` / `visual.*` / `lm_head.weight`,
+V5.1: a tiny Qwen2-VL (release-era flat config.json, release key names `model.*` / `visual.*` / `lm_head.weight`,
 sharded with an index) with a byte-level BPE tokenizer whose chat template is in chat_template.json as in
 the releases; a tiny MMDiT transformer (original key layout) and V5 VAE; the flow scheduler config.
+V5: the same transformer and VAE with two text streams, a tiny Bert (text_encoder/, WordPiece vocab.txt) and
+a tiny mT5 encoder (text_encoder_2/, sentencepiece model from tests/release.py), and a DDPM-family scheduler.
 """
 from __future__ import annotations
 
@@ -110,6 +112,60 @@ FLOW_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_t
                   "use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False,
                   "time_shift_type": "exponential", "stochastic_sampling": False}
 IN_CHANNELS = {"t2v": 16, "inp": 33, "control": 48, "camera": 38}
+# V5's scheduler/: a DDPM-family config (the V5 file's own values were not seen); every V5 sampler is built
+# from it.
+DDPM_SCHEDULER = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_start": 0.0001,
+                  "beta_end": 0.02, "beta_schedule": "linear", "prediction_type": "epsilon",
+                  "steps_offset": 1, "clip_sample": False}
+
+BERT_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "cat", "walk", "##s", "##ing", "in", "the",
+              "snow", ",", ".", "dog", "run", "blur", "##ry", "low", "quality", "猫", "在", "雪", "中", "走", "行", "一", "只"]
+TINY_BERT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                 max_position_embeddings=80, type_vocab_size=2, hidden_dropout_prob=0.0,
+                 attention_probs_dropout_prob=0.0, layer_norm_eps=1e-12)
+TINY_MT5 = dict(d_model=24, d_kv=8, num_heads=3, d_ff=48, num_layers=2, feed_forward_proj="gated-gelu",
+                relative_attention_num_buckets=32, relative_attention_max_distance=128, layer_norm_epsilon=1e-6,
+                vocab_size=160, dropout_rate=0.0, tie_word_embeddings=False, decoder_start_token_id=0,
+                pad_token_id=0, eos_token_id=1)
+
+
+def write_bert_mt5_release_parts(root: Path):
+    """V5's text parts under `root`: tokenizer/ + text_encoder/ (Bert, with its pooler and the position_ids
+    buffer older transformers saved) and tokenizer_2/ + text_encoder_2/ (mT5 encoder, sharded). Returns
+    transformers' (BertModel, T5EncoderModel) with the same weights."""
+    from transformers import BertConfig, BertModel, T5Config, T5EncoderModel
+
+    from release import write_tokenizer
+
+    root = Path(root)
+    tokenizer = root / "tokenizer"
+    tokenizer.mkdir(parents=True)
+    (tokenizer / "vocab.txt").write_text("\n".join(BERT_VOCAB) + "\n")
+    (tokenizer / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "BertTokenizer", "do_lower_case": True, "tokenize_chinese_chars": True,
+         "model_max_length": 77, "cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]",
+         "unk_token": "[UNK]", "mask_token": "[MASK]"}))
+    write_tokenizer(root / "tokenizer_2")
+
+    torch.manual_seed(0)
+    bert = BertModel(BertConfig(vocab_size=len(BERT_VOCAB), **TINY_BERT)).eval()
+    randomize(bert, seed=2)
+    folder = root / "text_encoder"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({**bert.config.to_dict(), "architectures": ["BertModel"]}))
+    state = {k: v.contiguous() for k, v in bert.state_dict().items()}
+    state["embeddings.position_ids"] = torch.arange(TINY_BERT["max_position_embeddings"]).unsqueeze(0)
+    save_file(state, str(folder / "model.safetensors"))
+
+    t5 = T5EncoderModel(T5Config(**TINY_MT5)).eval()
+    randomize(t5, seed=3)
+    t5.set_input_embeddings(t5.shared)
+    folder = root / "text_encoder_2"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(
+        {**t5.config.to_dict(), "model_type": "mt5", "architectures": ["MT5EncoderModel"]}))
+    write_sharded(folder, {k: v for k, v in t5.state_dict().items() if k != "encoder.embed_tokens.weight"})
+    return bert, t5
 
 
 def write_qwen_release_parts(root: Path, seed: int = 1):
@@ -135,14 +191,30 @@ def write_qwen_release_parts(root: Path, seed: int = 1):
 def make_release_v51(folder: Path, variant: str = "t2v", seed: int = 0) -> Path:
     """A complete tiny V5.1 release: transformer/ (original layout), vae/, text_encoder/ + tokenizer/ (Qwen2-VL),
     scheduler/ (flow). `variant`: t2v, inp, control or camera (its input channels)."""
+    folder = Path(folder)
+    qwen, _, _ = write_qwen_release_parts(folder)
+    _write_transformer_vae_scheduler(folder, "v51", {"text_embed_dim": qwen["hidden_size"]}, variant, seed,
+                                     FLOW_SCHEDULER)
+    return folder
+
+
+def make_release_v5(folder: Path, variant: str = "inp", seed: int = 0) -> Path:
+    """A complete tiny V5 release: transformer/ (original layout, two text streams), vae/, text_encoder/ +
+    tokenizer/ (Bert), text_encoder_2/ + tokenizer_2/ (mT5), scheduler/ (DDPM family). `variant`: t2v or inp."""
+    folder = Path(folder)
+    write_bert_mt5_release_parts(folder)
+    text = {"text_embed_dim": TINY_BERT["hidden_size"], "text_embed_dim_t5": TINY_MT5["d_model"]}
+    _write_transformer_vae_scheduler(folder, "v5", text, variant, seed, DDPM_SCHEDULER)
+    return folder
+
+
+def _write_transformer_vae_scheduler(folder: Path, family: str, text: dict, variant: str, seed: int,
+                                     scheduler: dict) -> None:
     from easyanimate.models.mmdit import EasyAnimateMMDiT, MMDiTConfig, family_preset
     from easyanimate.vae import build_vae
 
-    folder = Path(folder)
-    qwen, _, _ = write_qwen_release_parts(folder)
-    config = {**family_preset("v51"), **TINY_MMDIT, "text_embed_dim": qwen["hidden_size"],
-              "in_channels": IN_CHANNELS[variant]}
-    transformer = EasyAnimateMMDiT(MMDiTConfig.from_dict(config, "v51")).eval()
+    config = {**family_preset(family), **TINY_MMDIT, **text, "in_channels": IN_CHANNELS[variant]}
+    transformer = EasyAnimateMMDiT(MMDiTConfig.from_dict(config, family)).eval()
     randomize(transformer, seed=seed + 2)
     (folder / "transformer").mkdir()
     (folder / "transformer" / "config.json").write_text(json.dumps({"_class_name": "EasyAnimateTransformer3DModel", **config}))
@@ -156,5 +228,4 @@ def make_release_v51(folder: Path, variant: str = "t2v", seed: int = 0) -> Path:
     save_file({k: v.contiguous() for k, v in vae.model.state_dict().items()},
               str(folder / "vae" / "diffusion_pytorch_model.safetensors"))
     (folder / "scheduler").mkdir()
-    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(FLOW_SCHEDULER))
-    return folder
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler))

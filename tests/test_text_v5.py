@@ -23,8 +23,9 @@ from safetensors.torch import load_file, save_file
 
 from conftest import rel_error
 from release_v5 import (
-    CHAT_TEMPLATE, QWEN_MAX_LENGTH, QWEN_SPECIAL, qwen_config as _qwen_config, qwen_tokenizer as _qwen_tokenizer,
-    randomize as _randomize, release_keys as _release_keys, write_qwen_release_parts, write_sharded as _write_sharded,
+    BERT_VOCAB, CHAT_TEMPLATE, QWEN_MAX_LENGTH, QWEN_SPECIAL, qwen_config as _qwen_config, qwen_tokenizer as _qwen_tokenizer,
+    randomize as _randomize, release_keys as _release_keys, write_bert_mt5_release_parts, write_qwen_release_parts,
+    write_sharded as _write_sharded,
 )
 from easyanimate import text_v5
 from easyanimate.errors import CheckpointMismatchError, EasyAnimateError, LayoutError
@@ -32,17 +33,6 @@ from easyanimate.text_v5 import BertMT5TextEncoder, Qwen2VLTextEncoder, V5TextEm
 
 PROMPTS = ["A cat walks in the snow, cinematic.", "一只猫在雪中行走", ""]
 LONG_PROMPT = "a very long prompt " * 8  # longer than QWEN_MAX_LENGTH with the template
-
-BERT_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "cat", "walk", "##s", "##ing", "in", "the",
-              "snow", ",", ".", "dog", "run", "blur", "##ry", "low", "quality", "猫", "在", "雪", "中", "走", "行", "一", "只"]
-TINY_BERT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                 max_position_embeddings=80, type_vocab_size=2, hidden_dropout_prob=0.0,
-                 attention_probs_dropout_prob=0.0, layer_norm_eps=1e-12)
-TINY_MT5 = dict(d_model=24, d_kv=8, num_heads=3, d_ff=48, num_layers=2, feed_forward_proj="gated-gelu",
-                relative_attention_num_buckets=32, relative_attention_max_distance=128, layer_norm_epsilon=1e-6,
-                vocab_size=160, dropout_rate=0.0, tie_word_embeddings=False, decoder_start_token_id=0,
-                pad_token_id=0, eos_token_id=1)
-
 
 # --------------------------------------------------------------------------------------------------
 # Tiny releases in the real layouts
@@ -72,37 +62,8 @@ def _qwen_reference(model, tokenizer, prompts, max_length=QWEN_MAX_LENGTH):
 @pytest.fixture(scope="module")
 def v5(tmp_path_factory):
     """(release folder, transformers' BertModel, transformers' T5EncoderModel) with the same weights."""
-    from release import write_tokenizer
-    from transformers import BertConfig, BertModel, T5Config, T5EncoderModel
-
     root = tmp_path_factory.mktemp("v5")
-    tokenizer = root / "tokenizer"
-    tokenizer.mkdir()
-    (tokenizer / "vocab.txt").write_text("\n".join(BERT_VOCAB) + "\n")
-    (tokenizer / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "BertTokenizer", "do_lower_case": True, "tokenize_chinese_chars": True,
-         "model_max_length": 77, "cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]",
-         "unk_token": "[UNK]", "mask_token": "[MASK]"}))
-    write_tokenizer(root / "tokenizer_2")
-
-    torch.manual_seed(0)
-    bert = BertModel(BertConfig(vocab_size=len(BERT_VOCAB), **TINY_BERT)).eval()  # with its pooler, as released
-    _randomize(bert, seed=2)
-    folder = root / "text_encoder"
-    folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({**bert.config.to_dict(), "architectures": ["BertModel"]}))
-    state = {k: v.contiguous() for k, v in bert.state_dict().items()}
-    state["embeddings.position_ids"] = torch.arange(80).unsqueeze(0)  # older transformers saved this buffer
-    save_file(state, str(folder / "model.safetensors"))
-
-    t5 = T5EncoderModel(T5Config(**TINY_MT5)).eval()
-    _randomize(t5, seed=3)
-    t5.set_input_embeddings(t5.shared)
-    folder = root / "text_encoder_2"
-    folder.mkdir()
-    (folder / "config.json").write_text(json.dumps(
-        {**t5.config.to_dict(), "model_type": "mt5", "architectures": ["MT5EncoderModel"]}))
-    _write_sharded(folder, {k: v for k, v in t5.state_dict().items() if k != "encoder.embed_tokens.weight"})
+    bert, t5 = write_bert_mt5_release_parts(root)
     return root, bert, t5
 
 

@@ -1,5 +1,6 @@
 """A whole V5.1 release folder through the public API: loading, generation in every mode the model takes,
 mismatched parts refused before any compute, and what `info` says about it (tiny folders in the real layout)."""
+import inspect
 import json
 import shutil
 
@@ -10,7 +11,7 @@ from easyanimate import cli
 from easyanimate.errors import EasyAnimateError
 from easyanimate.pipeline import Conditioning, generate, load_model, make_video
 from release import make_release
-from release_v5 import make_release_v51
+from release_v5 import make_release_v5, make_release_v51
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +44,33 @@ def test_every_inpainting_mode_generates(v51_inp, mode):
         extra.update(video=torch.rand(1, 3, 5, 32, 32, generator=g), strength=0.5)
     video = make_video(model, "a red circle", "blurry", frames=5, height=32, width=32, steps=2, seed=4, **extra)
     assert video.shape == (1, 3, 5, 32, 32) and torch.isfinite(video).all()
+
+
+@pytest.fixture(scope="module")
+def v5_inp(tmp_path_factory):
+    return make_release_v5(tmp_path_factory.mktemp("v5") / "EasyAnimateV5-tiny-InP", "inp")
+
+
+def test_a_v5_release_generates_with_bert_and_mt5_beside_each_other(v5_inp):
+    """V5: the transformer gets the Bert states as its text stream and the mT5 states beside them, as the two
+    encoders give them (negative prompt first under CFG), and samples with V5's DDPM-family default."""
+    model = load_model(v5_inp, dtype="fp32")
+    assert model.family == "v5" and type(model.text_encoder).__name__ == "BertMT5TextEncoder"
+    text = model.text_encoder.encode(["a cat walks in the snow"], ["blurry"])
+    seen = []
+    signature = inspect.signature(model.transformer.forward)
+    hook = model.transformer.register_forward_pre_hook(
+        lambda m, a, k: seen.append(signature.bind(*a, **k).arguments), with_kwargs=True)
+    try:
+        video = make_video(model, "a cat walks in the snow", "blurry", frames=5, height=32, width=32, steps=2,
+                           seed=4, start_images=torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
+    finally:
+        hook.remove()
+    assert video.shape == (1, 3, 5, 32, 32) and torch.isfinite(video).all()
+    assert len(seen) == 2
+    call = seen[0]
+    torch.testing.assert_close(call["encoder_hidden_states"], torch.cat([text.bert.negative_embeds, text.bert.embeds]))
+    torch.testing.assert_close(call["encoder_hidden_states_t5"], torch.cat([text.t5.negative_embeds, text.t5.embeds]))
 
 
 def test_v51_defaults_are_the_flow_sampler_and_ddpm_samplers_are_refused(v51_inp):

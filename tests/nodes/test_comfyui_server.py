@@ -27,7 +27,7 @@ from comfyui_script import comfyui_command
 from conftest import ROOT
 from pack_fixtures import write_lora
 from release import make_release, make_v1_release
-from release_v5 import make_release_v51
+from release_v5 import make_release_v5, make_release_v51
 from test_pipeline import V51_DEMO_FOLDER, demo_clip
 
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
@@ -38,6 +38,7 @@ FRAMES_V51 = 9  # V5/V5.1 make 1 + 4k frames
 CONTROL_FRAMES = 12  # the control video: at least as many frames as the video
 # The V5.1 release variants the shipped workflows name (the end of the folder name) -> make_release_v51's variant.
 V51_VARIANTS = {"Control-Camera": "camera", "Control": "control", "InP": "inp"}  # longest suffix first
+V5_TINY = "EasyAnimateV5-tiny-InP"  # a V5 release: Bert + mT5 text encoders, DDPM-family scheduler
 
 
 def v51_tiny(model: str) -> str:
@@ -106,6 +107,7 @@ def server(tmp_path_factory):
     make_v1_release(models / "easyanimate" / "PixArt-tiny", models / "easyanimate" / "mm-tiny.safetensors")
     for suffix, variant in V51_VARIANTS.items():
         make_release_v51(models / "easyanimate" / f"EasyAnimateV5.1-tiny-{suffix}", variant)
+    make_release_v5(models / "easyanimate" / V5_TINY, "inp")
     write_lora(models / "loras" / "style_a.safetensors",
                load_file(str(release / "transformer" / "diffusion_pytorch_model.safetensors")), seed=1)
     (base / "input" / "example.png").write_bytes(png_bytes(48, 40))
@@ -303,3 +305,39 @@ def test_v51_workflow_runs_on_the_demo_model(server, name):
         first, last = (np.abs(video[i].astype(float) - clip[i]).mean() / 255 for i in (0, -1))
         print(f"first frame vs start image {first:.4f}, last frame vs end image {last:.4f} (mean abs, 0-1)")
         assert first <= V51_DEMO_ENDS_TOLERANCE and last <= V51_DEMO_ENDS_TOLERANCE
+
+
+def on_v5(graph: dict) -> dict:
+    """A V5.1 InP workflow turned to a V5 InP release, as a user would: the tiny V5 folder, the sampler's
+    "auto" (V5's own DDPM-family sampler; Flow is V5.1's), and on the native route no ModelSamplingSD3 (V5
+    samples discrete, as V1-V3)."""
+    graph = tiny(graph)
+    for key, node in list(graph.items()):
+        inputs, kind = node["inputs"], node["class_type"]
+        if kind == "LoadEasyAnimate":
+            inputs["model"] = V5_TINY
+        elif kind == "EasyAnimateSampler":
+            inputs["sampler_name"] = "auto"
+        elif kind == "ModelSamplingSD3":
+            del graph[key]
+            for other in graph.values():
+                for name, value in other["inputs"].items():
+                    if value == [key, 0]:
+                        other["inputs"][name] = inputs["model"]
+    return graph
+
+
+@pytest.mark.parametrize("name", V51_DEMO_WORKFLOWS)
+def test_a_v5_release_runs_the_v51_inp_workflows(server, name):
+    """V5 (Bert + mT5 text encoders) in a real ComfyUI: Load EasyAnimate lists the folder, Text Encode V5/V5.1
+    encodes with both encoders, and the sampler node and the native KSampler route make the video."""
+    url, base, python = server
+    entry = run_prompt(url, on_v5(json.loads((ROOT / "workflows" / "api" / name).read_text())))
+    saved = [item for output in entry["outputs"].values() for item in output.get("images", [])]
+    video = base / "output" / saved[0]["subfolder"] / saved[0]["filename"]
+    probe = subprocess.run([python, "-c", (
+        "import av, sys\n"
+        "c = av.open(sys.argv[1]); frames = [f.to_ndarray(format='rgb24') for f in c.decode(video=0)]\n"
+        "print(len(frames), frames[0].shape[0], frames[0].shape[1])"
+    ), str(video)], capture_output=True, text=True, check=True)
+    assert tuple(int(v) for v in probe.stdout.split()) == (FRAMES_V51, SIZE, SIZE), probe.stdout

@@ -381,10 +381,10 @@ V51_DEMO_FOLDER = demo_folder().parent / "EasyAnimateV5.1-demo-64px"
 needs_v51_demo = pytest.mark.skipif(not (V51_DEMO_FOLDER / "transformer").is_dir(), reason="V5.1 demo not shipped")
 V51_DEMO_RUN = dict(frames=17, height=64, width=64, steps=25, guidance_scale=6.0, sampler="Flow")
 # Mean |first frame - start image| allowed. Measured with the shipped V5.1 demo (seed 2, the two clips below):
-# 0.039 and 0.022 for image-to-video (0.037 and 0.023 with the end image too), 0.073 and 0.115 for
-# text-to-video of the same seed. 0.05 is above every image-to-video error and below both text-to-video ones;
-# the end image brings the last frame from 0.057 / 0.050 to 0.052 / 0.044 of it.
-V51_I2V_TOLERANCE = 0.05
+# 0.054 and 0.024 for image-to-video (0.051 and 0.024 with the end image too), 0.087 and 0.065 for
+# text-to-video of the same seed. 0.06 is above every image-to-video error and below both text-to-video ones;
+# the end image brings the last frame from 0.059 / 0.046 to 0.053 / 0.043 of it.
+V51_I2V_TOLERANCE = 0.06
 
 
 def demo_clip(spec_seed: int, colour: str, shape: str, direction: str, background: str) -> torch.Tensor:

@@ -239,8 +239,8 @@ V51_DEMO = V51_DEMO_FOLDER.name
 V51_DEMO_WORKFLOWS = ("easyanimate_v51_t2v.json", "easyanimate_v51_i2v_start_end.json", "easyanimate_v51_native_t2v.json")
 DEMO_PROMPT = "a red circle moving right on a black background"
 # Mean |first frame - start image| (and last frame - end image) allowed, in 0-1 units, after ComfyUI's h264
-# encoding: the pipeline's image-to-video tolerance of the demo (tests/test_pipeline.py, 0.05) plus the end
-# image's weaker pull (0.052 of the end image in the pipeline) and the codec's loss.
+# encoding: the pipeline's image-to-video tolerance of the demo (tests/test_pipeline.py, 0.06) plus the end
+# image's weaker pull (0.053 of the end image in the pipeline) and the codec's loss. Measured: 0.044 / 0.052.
 V51_DEMO_ENDS_TOLERANCE = 0.07
 
 

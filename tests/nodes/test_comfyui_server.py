@@ -82,6 +82,24 @@ def run_prompt(url, graph, timeout=600) -> dict:
     raise AssertionError("prompt did not finish in time")
 
 
+def saved_video(base, entry, what="") -> Path:
+    """The first video a finished prompt saved."""
+    saved = [item for output in entry["outputs"].values() for item in output.get("images", [])]
+    assert saved, f"{what}: no output file"
+    return base / "output" / saved[0]["subfolder"] / saved[0]["filename"]
+
+
+def probe_video(python, video) -> tuple[int, int, int, float]:
+    """(frames, height, width, pixel spread) of a video file, read with PyAV in ComfyUI's interpreter."""
+    probe = subprocess.run([python, "-c", (
+        "import av, sys, numpy as np\n"
+        "c = av.open(sys.argv[1]); frames = [f.to_ndarray(format='rgb24') for f in c.decode(video=0)]\n"
+        "print(len(frames), frames[0].shape[0], frames[0].shape[1], float(np.std(np.stack(frames))))"
+    ), str(video)], capture_output=True, text=True, check=True)
+    count, height, width, spread = probe.stdout.split()
+    return int(count), int(height), int(width), float(spread)
+
+
 def png_bytes(width, height):
     import struct
     import zlib
@@ -189,18 +207,9 @@ def test_shipped_workflow_runs_in_comfyui(server, path):
     url, base, python = server
     graph = json.loads(path.read_text())
     frames = FRAMES_V51 if is_v51(graph) else FRAMES  # what the tiny run must make
-    entry = run_prompt(url, tiny(graph))
-    saved = [item for output in entry["outputs"].values() for item in output.get("images", [])]
-    assert saved, f"{path.name}: no output file"
-    video = base / "output" / saved[0]["subfolder"] / saved[0]["filename"]
-    probe = subprocess.run([python, "-c", (
-        "import av, sys, numpy as np\n"
-        "c = av.open(sys.argv[1]); frames = [f.to_ndarray(format='rgb24') for f in c.decode(video=0)]\n"
-        "print(len(frames), frames[0].shape[0], frames[0].shape[1], float(np.std(np.stack(frames))))"
-    ), str(video)], capture_output=True, text=True, check=True)
-    count, height, width, spread = probe.stdout.split()
-    assert (int(count), int(height), int(width)) == (frames, SIZE, SIZE), f"{path.name}: {probe.stdout}"
-    assert float(spread) > 0  # not a blank video
+    count, height, width, spread = probe_video(python, saved_video(base, run_prompt(url, tiny(graph)), path.name))
+    assert (count, height, width) == (frames, SIZE, SIZE), f"{path.name}: {count} frames of {height}x{width}"
+    assert spread > 0  # not a blank video
 
 
 def test_lora_through_comfyui_patches_equals_the_standalone_path(server, pack, monkeypatch):
@@ -288,9 +297,7 @@ def test_v51_workflow_runs_on_the_demo_model(server, name):
     Image.fromarray(clip[0]).save(base / "input" / "demo_start.png")
     Image.fromarray(clip[-1]).save(base / "input" / "demo_end.png")
     graph = on_v51_demo(json.loads((ROOT / "workflows" / "api" / name).read_text()))
-    entry = run_prompt(url, graph)
-    saved = [item for output in entry["outputs"].values() for item in output.get("images", [])]
-    video_file = base / "output" / saved[0]["subfolder"] / saved[0]["filename"]
+    video_file = saved_video(base, run_prompt(url, graph), name)
     dump = base / f"{name}.npy"
     subprocess.run([python, "-c", (
         "import av, sys, numpy as np\n"
@@ -333,11 +340,5 @@ def test_a_v5_release_runs_the_v51_inp_workflows(server, name):
     encodes with both encoders, and the sampler node and the native KSampler route make the video."""
     url, base, python = server
     entry = run_prompt(url, on_v5(json.loads((ROOT / "workflows" / "api" / name).read_text())))
-    saved = [item for output in entry["outputs"].values() for item in output.get("images", [])]
-    video = base / "output" / saved[0]["subfolder"] / saved[0]["filename"]
-    probe = subprocess.run([python, "-c", (
-        "import av, sys\n"
-        "c = av.open(sys.argv[1]); frames = [f.to_ndarray(format='rgb24') for f in c.decode(video=0)]\n"
-        "print(len(frames), frames[0].shape[0], frames[0].shape[1])"
-    ), str(video)], capture_output=True, text=True, check=True)
-    assert tuple(int(v) for v in probe.stdout.split()) == (FRAMES_V51, SIZE, SIZE), probe.stdout
+    count, height, width, spread = probe_video(python, saved_video(base, entry, name))
+    assert (count, height, width) == (FRAMES_V51, SIZE, SIZE) and spread > 0

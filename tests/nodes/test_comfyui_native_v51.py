@@ -4,7 +4,8 @@
   (euler, normal) and SamplerCustom (euler with the Flow sampler's σ) give the EasyAnimate Sampler's latents (Flow
   sampler, same seed: the same start noise) within `ROUTE_TOLERANCE` of their largest value, and its decoded video
   within `VIDEO_TOLERANCE`, for text-to-video and InP image-to-video (start + end image; To Video's vae_seed = the
-  Sampler's seed, so the noise on the known pixels is the same draw).
+  Sampler's seed, so the noise on the known pixels is the same draw), and on tiny Control and Control-Camera
+  releases for a control video and for camera poses, each with a reference image.
 * ModelSamplingSD3 changes the shift as the Sampler's `shift` does (the same latents for shift 3).
 * A V5.1 LoRA in the pack's format through LoraLoaderModelOnly equals the pack's LoRA Loader on both routes;
   strength 0 is the plain model bit for bit.
@@ -61,6 +62,7 @@ N = pack.nodes.NODE_CLASS_MAPPINGS
 from easyanimate_pack.easyanimate.sampling import build_sampler
 SEED, STEPS, CFG, SIZE, FRAMES = 43, 10, 6.0, 32, 9
 PROMPT, NEGATIVE = "a red circle moving right", "blurry"
+POSES = sys.argv[6]  # a camera path in the pose-file format
 figures = {}
 
 def result(output):
@@ -181,6 +183,23 @@ assert torch.equal(ksampler(inative, tpos, tneg, tlatent, steps=3), ksampler(ina
 figures["InP i2v vs t2v on the native route (rel)"] = rel(iks, ksampler(inative, tpos, tneg, tlatent))
 assert figures["InP i2v vs t2v on the native route (rel)"] > 10 * tolerance, "the start and end images changed nothing"
 
+# ---- route agreement, Control (control video + reference image) and Control-Camera (camera poses + reference)
+g = torch.Generator().manual_seed(7)
+control_video, reference = torch.rand(FRAMES, SIZE, SIZE, 3, generator=g), torch.rand(1, SIZE, SIZE, 3, generator=g)
+for name, inputs in (("Control", dict(control_video=control_video, reference_image=reference)),
+                     ("Control-Camera", dict(camera_poses=POSES, reference_image=reference))):
+    cmodel, cvae, cnative, cembeds, cpositive, cnegative = setup(f"EasyAnimateV5.1-tiny-{name}")
+    cpos, cneg, clatent = N["EasyAnimateToVideo"]().prepare(cpositive, cnegative, cmodel, cvae, SIZE, SIZE, FRAMES, 1,
+                                                            SEED, **inputs)
+    cours, cks = pack_sample(cmodel, cembeds, cvae, **inputs), ksampler(cnative, cpos, cneg, clatent)
+    figures[f"{name} latents, KSampler vs the EasyAnimate Sampler (rel)"] = rel(cks, cours)
+    figures[f"{name} video, KSampler vs the EasyAnimate Sampler (max abs)"] = (decode(cvae, cks) - decode(cvae, cours)).abs().max().item()
+    assert rel(cks, cours) <= tolerance, name
+    assert (decode(cvae, cks) - decode(cvae, cours)).abs().max().item() <= video_tolerance, name
+    plain = N["EasyAnimateToVideo"]().prepare(cpositive, cnegative, cmodel, cvae, SIZE, SIZE, FRAMES, 1, SEED)
+    figures[f"{name} with vs without its inputs on the native route (rel)"] = rel(cks, ksampler(cnative, *plain))
+    assert figures[f"{name} with vs without its inputs on the native route (rel)"] > 10 * tolerance, name
+
 # ---- ComfyUI's lowvram path equals a full load (plain and with the LoRA)
 lora_model = comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(native, "v51_style.safetensors", 1.0)[0]
 full, full_lora = ksampler(native, pos, neg, latent, steps=3), ksampler(lora_model, pos, neg, latent, steps=3)
@@ -205,6 +224,7 @@ def test_v51_on_the_native_route_agrees_with_the_pack_sampler(tmp_path):
     from safetensors.torch import load_file
 
     from pack_fixtures import write_lora
+    from test_nodes_v51 import pose_lines
     from release_v5 import make_release_v51
 
     releases = tmp_path / "models" / "easyanimate"
@@ -213,7 +233,9 @@ def test_v51_on_the_native_route_agrees_with_the_pack_sampler(tmp_path):
     (tmp_path / "loras").mkdir()
     state = load_file(str(releases / "EasyAnimateV5.1-tiny-T2V" / "transformer" / "diffusion_pytorch_model.safetensors"))
     write_lora(tmp_path / "loras" / "v51_style.safetensors", state, seed=1)
+    make_release_v51(releases / "EasyAnimateV5.1-tiny-Control", "control")
+    make_release_v51(releases / "EasyAnimateV5.1-tiny-Control-Camera", "camera")
     out = run_comfyui_script(tmp_path, "native_v51.py", SCRIPT, ROOT, tmp_path, ROUTE_TOLERANCE, VIDEO_TOLERANCE,
-                             timeout=1800)
+                             pose_lines(9), timeout=1800)
     print(out[out.find("{"):])
     json.loads(out[out.find("{"):out.rfind("}") + 1])  # the figures are well formed

@@ -1106,7 +1106,7 @@ def cmd_make_data(args) -> int:
         name, _, number = item.partition("=")
         if not number.isdigit():
             raise ValueError(f"--weight {item!r} is not NAME=N: write a colour or shape and a whole number, "
-                                   "e.g. --weight green=3.")
+                             "e.g. --weight green=3.")
         weights[name.strip()] = int(number)
     started = time.time()
     count = write_folder(args.out, args.count, args.seed, frames=args.frames, size=args.size,

@@ -16,7 +16,7 @@ the reason otherwise.
 """
 import pytest
 
-from comfyui_script import COMFYUI_DIR, run_comfyui_script
+from comfyui_script import COMFYUI_DIR, ROUTE_SCRIPT_START, run_comfyui_script
 from conftest import ROOT
 
 pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason="COMFYUI_DIR is not set: no ComfyUI to run the native route in")
@@ -24,25 +24,7 @@ pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason="COMFYUI_DIR is not set:
 ROUTE_TOLERANCE = 2e-4  # latents, relative to their largest value
 VIDEO_TOLERANCE = 2e-3  # decoded pixels in [0, 1], largest absolute difference
 
-SCRIPT = r"""
-import importlib.util, json, sys
-from pathlib import Path
-comfy_dir, root, work = sys.argv[1], sys.argv[2], Path(sys.argv[3])
-tolerance, video_tolerance = float(sys.argv[4]), float(sys.argv[5])
-sys.path.insert(0, comfy_dir)
-import comfy.cli_args
-comfy.cli_args.args.cpu = True
-import torch
-torch.set_num_threads(1)
-import comfy.model_sampling, comfy.samplers
-import folder_paths
-import nodes as comfy_nodes
-
-folder_paths.add_model_folder_path("easyanimate", str(work / "models" / "easyanimate"))
-spec = importlib.util.spec_from_file_location("easyanimate_pack", root + "/__init__.py", submodule_search_locations=[root])
-pack = importlib.util.module_from_spec(spec); sys.modules["easyanimate_pack"] = pack; spec.loader.exec_module(pack)
-N = pack.nodes.NODE_CLASS_MAPPINGS
-from easyanimate_pack.easyanimate.sampling import build_sampler
+SCRIPT = ROUTE_SCRIPT_START + r"""
 SEED, STEPS, CFG, SIZE, FRAMES = 43, 10, 6.0, 32, 9
 PROMPT, NEGATIVE = "a cat walks in the snow", "blurry"
 figures = {}
